@@ -1,0 +1,144 @@
+import math
+
+import pytest
+import torch
+
+from atdiff.losses import DenoisingLoss, denoising_loss, sample_times
+from atdiff.networks.mlp import MLP
+from atdiff.param import DiffusionModel
+from atdiff.processes import VE, VPContinuous, VPDiscrete
+from atdiff.train import EMA, load_checkpoint, save_checkpoint, seed_everything, train_step
+
+
+def bayes_linear_eps(process, s2):
+    """eps*(x) = sigma x / (alpha^2 s^2 + sigma^2) for 1-D data N(0, s2)."""
+    def model(x, t):
+        a, s = process.alpha(t)[:, None].to(x.dtype), process.sigma(t)[:, None].to(x.dtype)
+        return s * x / (a**2 * s2 + s**2)
+    return model
+
+
+@pytest.mark.parametrize("process", [VPDiscrete("cosine"), VPContinuous(), VE()], ids=repr)
+def test_bayes_loss_equals_the_posterior_variance_of_eps(process):
+    s2, n = 0.4, 200_000
+    gen = torch.Generator().manual_seed(0)
+    t_val = 0.3 * process.t_max
+    t = torch.full((n,), t_val, dtype=torch.float64)
+    x0 = torch.randn(n, 1, generator=gen, dtype=torch.float64) * math.sqrt(s2)
+    eps = torch.randn(n, 1, generator=gen, dtype=torch.float64)
+    loss = denoising_loss(bayes_linear_eps(process, s2), x0, t, eps, process)
+    a2, sig2 = process.abar(t[0]).item(), process.sigma(t[0]).item() ** 2
+    want = 1 - sig2 / (a2 * s2 + sig2)  # Var(eps | x_t)
+    assert abs(loss.mean().item() - want) < 5 * loss.std().item() / math.sqrt(n)
+
+
+def test_target_kinds_are_rescalings_of_each_other():
+    # for a fixed eps-model, the x0-loss is (sigma/alpha)^2 times the eps-loss, sample by sample
+    p = VPDiscrete("linear")
+    model = DiffusionModel(MLP(3, hidden=16, depth=2), p)
+    torch.nn.init.normal_(model.net.out.weight)
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(8, 3, generator=gen), torch.randn(8, 3, generator=gen)
+    t = sample_times(p, 8, generator=gen)
+    l_eps = denoising_loss(model, x0, t, eps, p, target="eps")
+    l_x0 = denoising_loss(model, x0, t, eps, p, target="x0")
+    ratio = (p.sigma(t) / p.alpha(t)) ** 2
+    torch.testing.assert_close(l_x0, ratio * l_eps, rtol=1e-4, atol=1e-6)
+    l_v = denoising_loss(model, x0, t, eps, p, target="v")
+    torch.testing.assert_close(l_v, l_eps / p.alpha(t) ** 2, rtol=1e-4, atol=1e-6)
+
+
+def test_perturbed_targets_and_gradient_flow():
+    p = VPDiscrete("linear")
+    model = bayes_linear_eps(p, 1.0)
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randn(5, 2, generator=gen, dtype=torch.float64)
+    eps = torch.randn(5, 2, generator=gen, dtype=torch.float64)
+    t = torch.full((5,), 200.0, dtype=torch.float64)
+    delta = 0.1 * torch.randn(5, 2, generator=gen, dtype=torch.float64)
+    sig = p.sigma(t)[:, None]
+    x_pert = p.add_noise(x0, eps, t) + delta
+    want_eq = ((model(x_pert, t) - eps - delta / sig) ** 2).mean(1)
+    want_inv = ((model(x_pert, t) - eps) ** 2).mean(1)
+    torch.testing.assert_close(denoising_loss(model, x0, t, eps, p, delta=delta, target_mode="equivariant"), want_eq)
+    torch.testing.assert_close(denoising_loss(model, x0, t, eps, p, delta=delta), want_inv)
+    grads = {}
+    for mode in ("equivariant", "equivariant-detached"):
+        d = delta.clone().requires_grad_(True)
+        denoising_loss(model, x0, t, eps, p, delta=d, target_mode=mode).sum().backward()
+        grads[mode] = d.grad
+    # the detached target drops the -2 r / sigma term of the full gradient
+    r = model(x_pert, t) - eps - delta / sig
+    torch.testing.assert_close(grads["equivariant"] - grads["equivariant-detached"], -2 * r / sig / 2)
+    with pytest.raises(ValueError, match="target_mode"):
+        denoising_loss(model, x0, t, eps, p, delta=delta, target_mode="sideways")
+    with pytest.raises(ValueError, match="delta"):
+        denoising_loss(model, x0, t, eps, p, delta=delta[:, :1])
+
+
+def test_sample_times_ranges():
+    gen = torch.Generator().manual_seed(0)
+    t = sample_times(VPDiscrete("linear", T=10), 5000, generator=gen)
+    assert t.min() == 1 and t.max() == 10 and (t == t.round()).all()
+    t = sample_times(VE(), 5000, generator=gen)
+    assert t.min() >= 0.08 - 1e-6 and t.max() <= 80.0
+
+
+def test_ema_is_the_stated_average():
+    net = torch.nn.Linear(2, 1)
+    ema = EMA(net, decay=0.9)
+    w0 = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)
+    torch.testing.assert_close(ema.model.weight, 0.9 * w0 + 0.1 * (w0 + 1.0))
+    assert EMA(net, decay=0.999, warmup=True).current_decay() == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="decay"):
+        EMA(net, decay=1.5)
+
+
+def _setup(seed=0):
+    seed_everything(seed)
+    p = VPDiscrete("cosine", T=100)
+    model = DiffusionModel(MLP(2, hidden=32, depth=2), p)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return p, model, opt, EMA(model, 0.9), DenoisingLoss(p)
+
+
+def test_training_lowers_the_loss_and_resume_is_exact(tmp_path):
+    p, model, opt, ema, loss = _setup()
+    data = torch.randn(256, 2) * 0.3 + torch.tensor([1.0, -1.0])
+    gen = torch.Generator().manual_seed(5)
+    eval_t, eval_eps = loss.draw(data, torch.Generator().manual_seed(99))
+    before = loss(model, data, t=eval_t, eps=eval_eps).mean().item()
+    for _ in range(150):
+        train_step(model, data, loss, opt, ema=ema, generator=gen)
+    after = loss(model, data, t=eval_t, eps=eval_eps).mean().item()
+    assert after < 0.6 * before, (before, after)
+
+    # resume: 3 steps, checkpoint, 3 steps == 3 steps, reload, 3 steps (global RNG included)
+    ckpt = tmp_path / "ckpt.pt"
+    save_checkpoint(ckpt, config={"T": 100}, model=model, optimizer=opt, ema=ema, step=150)
+    for _ in range(3):
+        train_step(model, data, loss, opt, ema=ema)
+    ref = [q.detach().clone() for q in ema.model.parameters()]
+    _, model2, opt2, ema2, _ = _setup(seed=123)
+    payload = load_checkpoint(ckpt, model=model2, optimizer=opt2, ema=ema2)
+    assert payload["step"] == 150 and (tmp_path / "ckpt.json").is_file()
+    for _ in range(3):
+        train_step(model2, data, loss, opt2, ema=ema2)
+    for a, b in zip(ref, ema2.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="path"):
+        load_checkpoint(bad)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "none.pt")
+    p, model, opt, ema, loss = _setup()
+    save_checkpoint(tmp_path / "c.pt", model=model)
+    with pytest.raises(KeyError, match="optimizer"):
+        load_checkpoint(tmp_path / "c.pt", optimizer=opt)
