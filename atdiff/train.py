@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import math
 import os
 import random
 import tempfile
@@ -15,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EMA", "train_step", "seed_everything", "save_checkpoint", "load_checkpoint", "rng_state",
-           "set_rng_state"]
+__all__ = ["EMA", "train_step", "free_at_step", "seed_everything", "save_checkpoint", "load_checkpoint",
+           "rng_state", "set_rng_state"]
 
 
 class EMA:
@@ -59,20 +61,155 @@ class EMA:
 
 def train_step(model: nn.Module, x0: Tensor, loss: Callable[..., Tensor], optimizer: torch.optim.Optimizer,
                *, ema: EMA | None = None, grad_clip: float | None = None, perturber=None,
-               generator: torch.Generator | None = None) -> dict[str, float]:
+               generator: torch.Generator | None = None, scaler=None,
+               autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
     """One parameter update: ``loss(model, x0, perturber=..., generator=...).mean()``, backward, optional
-    gradient-norm clipping, optimizer step, EMA update. Returns ``{"loss", "grad_norm"}``."""
-    if grad_clip is not None and grad_clip <= 0:
-        raise ValueError(f"grad_clip: expected > 0 or None, got {grad_clip}")
+    gradient-norm clipping, optimizer step, EMA update. Returns ``{"loss", "grad_norm"}``.
+
+    With an ascent perturber (``fgsm`` / ``pgd``, :mod:`atdiff.perturb`) this is PGD-K adversarial training:
+    the attack's ``K`` backward passes go to ``delta`` only, then one backward gives the parameter gradient.
+    ``scaler`` (a ``torch.amp.GradScaler`` or an object with ``scale``/``unscale_``/``step``/``update``) and
+    ``autocast_dtype`` (e.g. ``torch.bfloat16``, autocast on ``x0``'s device type) enable mixed precision.
+    """
+    _check_grad_clip(grad_clip)
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    value = loss(model, x0, perturber=perturber, generator=generator).mean()
-    value.backward()
-    grad_norm = clip_gradients(model, grad_clip)
-    optimizer.step()
+    with _autocast(x0, autocast_dtype):
+        value = loss(model, x0, perturber=perturber, generator=generator).mean()
+    _backward(value, scaler)
+    grad_norm = _clip_and_step(model, optimizer, grad_clip, scaler, ema, need_norm=True)
+    return {"loss": value.item(), "grad_norm": grad_norm}
+
+
+def free_at_step(model: nn.Module, x0: Tensor, loss: Any, optimizer: torch.optim.Optimizer, *, replay: int,
+                 perturber=None, ema: EMA | None = None, grad_clip: float | None = None,
+                 carry_delta: Tensor | None = None, scaler=None, autocast_dtype: torch.dtype | None = None,
+                 generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Free adversarial training on one minibatch ``x0`` ``(B, ...)`` (method.md section 4, Algorithm 1).
+
+    ``t`` and ``eps`` are drawn once (``loss.draw``); then ``replay = K`` passes, each one forward and one
+    backward of ``loss.at(model, x0, t, eps, delta, perturber.target_mode).mean()`` that yields both the
+    parameter gradient (optimizer step, EMA update: ``K`` parameter updates) and the ``delta`` gradient, from
+    which :meth:`Perturber.ascend` takes one projected step (l2-normalised or sign, per the perturber).
+
+    * ``carry_delta=None`` (the reference recipe): ``delta`` starts at ``perturber.init_delta`` every
+      minibatch and is updated after passes ``1..K-1`` (``K - 1`` updates; the last backward serves the
+      weights only).
+    * ``carry_delta`` a tensor of ``x0``'s shape (Shafahi et al. 2019): ``delta`` starts there (projected
+      onto this minibatch's ball) and is updated after every pass; pass the returned ``"delta"`` to the
+      next call (start with ``torch.zeros_like(x0)``).
+
+    The perturber supplies the budget, norm, init, step rule, step size and target mode; its ``steps`` is
+    not used here (``replay`` sets the number of delta updates). ``perturber=None`` or kind ``none`` trains
+    without perturbation (``K = 1`` then equals :func:`train_step`). With a ``scaler`` the ``delta``
+    gradient is divided by ``scaler.get_scale()`` before use, and samples whose gradient is not finite keep
+    their ``delta``.
+
+    Returns ``{"loss": mean over passes, "loss_last", "grad_norm" (last pass), "updates": K,
+    "delta_norm": mean per-sample l2 norm of the returned delta, "delta_grad_norm": mean per-sample l2 norm
+    of the last unscaled delta gradient used (nan if none), "delta": Tensor (B, ...)}`` where ``"delta"`` is
+    the final perturbation (detached): the one the last pass used, or with ``carry_delta`` the one to carry.
+    """
+    if not isinstance(replay, int) or isinstance(replay, bool) or replay < 1:
+        raise ValueError(f"replay: expected an integer >= 1, got {replay!r}")
+    _check_grad_clip(grad_clip)
+    kind = "none" if perturber is None else perturber.kind
+    if kind not in ("none", "fgsm", "pgd"):
+        raise ValueError(f"perturber: free AT needs an ascent perturber (kind 'fgsm' or 'pgd') or none, "
+                         f"got kind={kind!r}")
+    mode = "invariant" if perturber is None else perturber.target_mode
+    model.train()
+    t, eps = loss.draw(x0, generator)
+    delta, radius = None, None
+    if kind != "none":
+        radius = perturber.radius_for(x0, t, _loss_process(loss))
+        delta = _start_delta(perturber, x0, radius, carry_delta, generator)
+    elif carry_delta is not None:
+        _check_carry(carry_delta, x0)
+    n_updates = replay if carry_delta is not None else replay - 1
+    total, last_grad = torch.zeros((), device=x0.device), None
+    for k in range(replay):
+        optimizer.zero_grad(set_to_none=True)
+        leaf = None if delta is None else delta.detach().requires_grad_(True)
+        with _autocast(x0, autocast_dtype):
+            value = loss.at(model, x0, t, eps, leaf, mode).mean()
+        _backward(value, scaler)
+        update = leaf is not None and k < n_updates
+        if update:  # read the loss scale of this backward before scaler.update() changes it
+            grad = torch.zeros_like(leaf) if leaf.grad is None else leaf.grad
+            last_grad = _unscaled(grad, scaler)
+        grad_norm = _clip_and_step(model, optimizer, grad_clip, scaler, ema, need_norm=k == replay - 1)
+        total = total + value.detach().float()
+        if update:
+            delta = perturber.ascend(leaf.detach(), last_grad, radius)
+    final = torch.zeros_like(x0) if delta is None else delta.detach()
+    return {
+        "loss": total.item() / replay, "loss_last": value.item(), "grad_norm": grad_norm, "updates": replay,
+        "delta_norm": _mean_norm(final),
+        "delta_grad_norm": math.nan if last_grad is None else _mean_norm(last_grad),
+        "delta": final,
+    }
+
+
+def _loss_process(loss: Any):
+    """The forward process of a loss object (its ``process`` attribute)."""
+    process = getattr(loss, "process", None)
+    if process is None:
+        raise ValueError("loss: free AT needs a loss with a `process` attribute and `draw` / `at` methods")
+    return process
+
+
+def _check_grad_clip(grad_clip: float | None) -> None:
+    if grad_clip is not None and grad_clip <= 0:
+        raise ValueError(f"grad_clip: expected > 0 or None, got {grad_clip}")
+
+
+def _check_carry(carry_delta: Tensor, x0: Tensor) -> None:
+    if not isinstance(carry_delta, Tensor) or carry_delta.shape != x0.shape:
+        shape = tuple(carry_delta.shape) if isinstance(carry_delta, Tensor) else type(carry_delta).__name__
+        raise ValueError(f"carry_delta: expected a tensor of the batch shape {tuple(x0.shape)}, got {shape}")
+
+
+def _start_delta(perturber, x0: Tensor, radius: Tensor, carry_delta: Tensor | None,
+                 generator: torch.Generator | None) -> Tensor:
+    if carry_delta is None:
+        return perturber.init_delta(x0, radius, generator)
+    _check_carry(carry_delta, x0)
+    return perturber.project(carry_delta.detach().to(device=x0.device, dtype=x0.dtype), radius)
+
+
+def _autocast(x: Tensor, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=x.device.type, dtype=dtype)
+
+
+def _backward(value: Tensor, scaler) -> None:
+    (value if scaler is None else scaler.scale(value)).backward()
+
+
+def _unscaled(grad: Tensor, scaler) -> Tensor:
+    """The gradient divided by the loss scale of ``scaler`` (as is without one)."""
+    return grad if scaler is None else grad / scaler.get_scale()
+
+
+def _clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None, scaler,
+                   ema: EMA | None, need_norm: bool) -> float:
+    if scaler is not None and (grad_clip is not None or need_norm):
+        scaler.unscale_(optimizer)
+    grad_norm = clip_gradients(model, grad_clip) if (grad_clip is not None or need_norm) else math.nan
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
     if ema is not None:
         ema.update(model)
-    return {"loss": value.item(), "grad_norm": grad_norm}
+    return grad_norm
+
+
+def _mean_norm(x: Tensor) -> float:
+    return float(torch.linalg.vector_norm(x.detach().flatten(1).float(), dim=1).mean())
 
 
 def clip_gradients(model: nn.Module, max_norm: float | None) -> float:

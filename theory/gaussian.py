@@ -59,7 +59,7 @@ _WEIGHT_TOL = 1e-6
 def _as64(value, name: str) -> Tensor:
     """``value`` as a float64 CPU tensor (autograd kept), rejecting NaN / infinity (``ValueError`` naming ``name``)."""
     try:
-        out = torch.as_tensor(value).to(device="cpu", dtype=F64)
+        out = (value if isinstance(value, Tensor) else torch.as_tensor(value, dtype=F64)).to(device="cpu", dtype=F64)
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"{name}: cannot convert to a float tensor ({err})") from err
     if not bool(torch.isfinite(out).all()):

@@ -26,8 +26,11 @@ def ddim_step(x: Tensor, eps: Tensor, process: Process, t: Tensor, s: Tensor, *,
         x0 = x0.clamp(-clip_x0, clip_x0)
         eps = convert(x0, x, t, process, "x0", "eps")
     a_s, sig_s, sig_t = process.alpha(s), process.sigma(s), process.sigma(t)
-    c2 = eta**2 * process.transition(s, t)[1] ** 2 * sig_s**2 / sig_t**2
-    x_s = expand_like(a_s, x) * x0 + expand_like((sig_s**2 - c2).clamp_min(0).sqrt(), x) * eps
+    a_ts, sig_ts = process.transition(s, t)
+    c2 = eta**2 * sig_ts**2 * sig_s**2 / sig_t**2
+    # sigma_s^2 - c^2 written without the cancellation that loses digits when eta ~ 1 and alpha_ts ~ 0
+    keep = sig_s * ((1 - eta**2) * sig_t**2 + eta**2 * a_ts**2 * sig_s**2).clamp_min(0).sqrt() / sig_t
+    x_s = expand_like(a_s, x) * x0 + expand_like(keep, x) * eps
     if eta:
         if noise is None:
             raise ValueError("noise: ddim_step with eta > 0 needs a noise tensor")
