@@ -2,8 +2,8 @@ from toy.train_toy import main
 
 
 def test_brief_training_beats_the_unimodal_and_untrained_baselines(tmp_path):
-    report = main(["--steps", "1200", "--batch", "512", "--lr", "3e-3", "--n-eval", "1000", "--ddim-steps", "25", "--quiet",
-                   "--json", str(tmp_path / "r.json")])
+    args = "--steps 1200 --batch 512 --lr 3e-3 --n-eval 1000 --ddim-steps 25 --quiet".split()
+    report = main([*args, "--json", str(tmp_path / "r.json")])
     r = report["results"]
     trained, gauss, untrained, oracle = r["trained (EMA)"], r["gaussian oracle"], r["untrained"], r["oracle"]
     # the best unimodal model puts most samples between the 8 modes; a briefly trained MLP must not
