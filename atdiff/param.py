@@ -10,6 +10,10 @@ For a process with ``x_t = alpha x0 + sigma eps``:
 A model is any callable ``model(x, t, **cond) -> prediction``; it declares what it predicts through an
 attribute ``prediction`` (default ``"eps"``). Samplers and losses call :func:`predict`, never re-derive a
 conversion. :class:`DiffusionModel` wraps a bare network into such a model.
+
+A model with ``learned_variance = True`` (IDDPM) returns ``2 C`` channels along dim 1: the prediction and the
+variance interpolation ``v`` in ``[-1, 1]`` (:func:`split_learned_variance`). :func:`predict` drops ``v``, so
+eps-only callers work unchanged; :func:`predict_with_variance` returns both from one forward pass.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from torch import Tensor, nn
 
 from .processes import Process, expand_like
 
-__all__ = ["PREDICTIONS", "convert", "predict", "prediction_of", "DiffusionModel"]
+__all__ = ["PREDICTIONS", "convert", "predict", "prediction_of", "DiffusionModel", "learned_variance_of",
+           "split_learned_variance", "predict_with_variance", "learned_range_log_variance"]
 
 PREDICTIONS = ("eps", "x0", "v", "score")
 
@@ -73,33 +78,71 @@ def prediction_of(model: Callable) -> str:
     return kind
 
 
+def learned_variance_of(model: Callable) -> bool:
+    """Whether ``model`` returns a variance interpolation beside its prediction (attribute
+    ``learned_variance``, default False)."""
+    return bool(getattr(model, "learned_variance", False))
+
+
+def split_learned_variance(out: Tensor) -> tuple[Tensor, Tensor]:
+    """Split a learned-variance output ``(B, 2C, ...)`` into the prediction ``(B, C, ...)`` and ``v``
+    ``(B, C, ...)`` (the second half along dim 1)."""
+    if out.ndim < 2 or out.shape[1] % 2:
+        raise ValueError(f"model: a learned-variance model returns 2*C channels along dim 1, got shape "
+                         f"{tuple(out.shape)}")
+    pred, v = out.chunk(2, dim=1)
+    return pred, v
+
+
+def learned_range_log_variance(v: Tensor, log_beta: Tensor, log_beta_tilde: Tensor) -> Tensor:
+    """IDDPM's learned-range log variance ``f log beta + (1 - f) log beta_tilde`` with ``f = (v + 1) / 2``.
+
+    Shapes: ``v`` ``(B, ...)``; ``log_beta`` and ``log_beta_tilde`` broadcastable to it."""
+    frac = (v + 1) / 2
+    return frac * log_beta + (1 - frac) * log_beta_tilde
+
+
+def predict_with_variance(model: Callable, x_t: Tensor, t: Tensor, process: Process, kind: str = "eps",
+                          **cond) -> tuple[Tensor, Tensor | None]:
+    """Like :func:`predict`, and also return the model's variance output ``v`` ``(B, ...)`` (None unless
+    ``model.learned_variance``). One forward pass."""
+    # the model sees t of shape (B,); a scalar t stays scalar for the conversion (same values, less work)
+    out = model(x_t, t.expand(x_t.shape[0]) if t.ndim == 0 else t, **cond)
+    v = None
+    if learned_variance_of(model):
+        out, v = split_learned_variance(out)
+    if out.shape != x_t.shape:
+        raise ValueError(f"model: returned shape {tuple(out.shape)}, expected the input shape "
+                         f"{tuple(x_t.shape)}")
+    return convert(out, x_t, t, process, prediction_of(model), kind), v
+
+
 def predict(model: Callable, x_t: Tensor, t: Tensor, process: Process, kind: str = "eps", **cond) -> Tensor:
     """Evaluate ``model`` at ``(x_t, t)`` and return its prediction as ``kind``.
 
-    ``t`` may be a scalar tensor; it is broadcast to shape ``(B,)`` before the model sees it.
+    ``t`` may be a scalar tensor; it is broadcast to shape ``(B,)`` before the model sees it. The variance
+    output of a learned-variance model is dropped (see :func:`predict_with_variance`).
     """
-    if t.ndim == 0:
-        t = t.expand(x_t.shape[0])
-    out = model(x_t, t, **cond)
-    if out.shape != x_t.shape:
-        raise ValueError(f"model: returned shape {tuple(out.shape)}, expected the input shape {tuple(x_t.shape)}")
-    return convert(out, x_t, t, process, prediction_of(model), kind)
+    return predict_with_variance(model, x_t, t, process, kind, **cond)[0]
 
 
 class DiffusionModel(nn.Module):
     """Wrap a network ``net(x, time, **cond)`` into a model of declared ``prediction`` kind.
 
     The network sees ``process.network_time(t)`` (e.g. ``1000 t`` for a continuous VP process), so the same
-    network class serves every process. ``forward`` returns the raw prediction; use :func:`predict` to get
-    another kind.
+    network class serves every process. ``learned_variance=True`` declares a network returning ``2 C``
+    channels (prediction, variance interpolation), e.g. a UNet with ``learn_sigma=True``. ``forward`` returns
+    the raw prediction; use :func:`predict` to get another kind.
     """
 
-    def __init__(self, net: nn.Module, process: Process, prediction: str = "eps") -> None:
+    def __init__(self, net: nn.Module, process: Process, prediction: str = "eps", *,
+                 learned_variance: bool = False) -> None:
         super().__init__()
         _check_kind(prediction, "prediction")
         self.net = net
         self.process = process
         self.prediction = prediction
+        self.learned_variance = learned_variance
 
     def forward(self, x: Tensor, t: Tensor, **cond) -> Tensor:
         if t.ndim == 0:

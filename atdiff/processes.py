@@ -130,6 +130,17 @@ class Process:
         t64 = t.double()
         return (2 * (self._log_alpha64(t64) - self._sigma64(t64).log())).to(_out_dtype(t))
 
+    def t_from_log_snr(self, log_snr: Tensor | float) -> Tensor:
+        """Inverse of :meth:`log_snr`: the time whose ``log(alpha^2 / sigma^2)`` is ``log_snr``, clamped to
+        ``[t_min, t_max]`` (``+inf`` gives ``t_min``). Shape of ``log_snr``; DPM-Solver's ``t(lambda)`` with
+        ``lambda = log_snr / 2``."""
+        lam = _as_time(log_snr)
+        t = self._t_from_log_snr64(lam.double()).clamp(self.t_min, self.t_max)
+        return t.to(_out_dtype(lam))
+
+    def _t_from_log_snr64(self, log_snr: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not define t_from_log_snr")
+
     def snr(self, t: Tensor | float) -> Tensor:
         """Signal-to-noise ratio ``alpha^2 / sigma^2``. Shape of ``t``."""
         return self.log_snr(t).exp()
@@ -254,6 +265,15 @@ class VPDiscrete(Process):
     def _sigma64(self, t: Tensor) -> Tensor:
         return (-torch.expm1(2 * self._log_alpha64(t))).clamp_min(0).sqrt()
 
+    def _t_from_log_snr64(self, log_snr: Tensor) -> Tensor:
+        # abar = sigmoid(log_snr); invert the piecewise-linear interpolation of the log abar table
+        neg_table = -self._log_abar_table.to(log_snr.device)
+        target = (-torch.nn.functional.logsigmoid(log_snr)).clamp(0, -self._log_abar_table[-1].item())
+        hi = torch.searchsorted(neg_table, target.reshape(-1)).reshape(target.shape).clamp(1, self.T)
+        lo = hi - 1
+        w = (target - neg_table[lo]) / (neg_table[hi] - neg_table[lo])
+        return lo + w
+
 
 @dataclass(frozen=True, eq=False)
 class VPContinuous(Process):
@@ -288,6 +308,17 @@ class VPContinuous(Process):
 
     def _sigma64(self, t: Tensor) -> Tensor:
         return (-torch.expm1(2 * self._log_alpha64(t))).clamp_min(0).sqrt()
+
+    def _t_from_log_snr64(self, log_snr: Tensor) -> Tensor:
+        log_abar = torch.nn.functional.logsigmoid(log_snr)
+        if self.schedule == "linear":
+            # 0.5 (beta_max - beta_min) t^2 + beta_min t + log_abar = 0, the cancellation-free root
+            root = (self.beta_min**2 - 2 * (self.beta_max - self.beta_min) * log_abar).sqrt()
+            return -2 * log_abar / (self.beta_min + root)
+        s = self.cosine_s
+        log_f0 = 2 * math.log(math.cos(s / (1 + s) * math.pi / 2))
+        cos_arg = (0.5 * (log_abar + log_f0)).exp().clamp(max=1.0)
+        return torch.arccos(cos_arg) * 2 * (1 + s) / math.pi - s
 
     def beta(self, t: Tensor | float) -> Tensor:
         """Instantaneous ``beta(t) = -2 d log alpha / dt`` (shape of ``t``)."""
@@ -327,6 +358,9 @@ class VE(Process):
 
     def _sigma64(self, t: Tensor) -> Tensor:
         return t
+
+    def _t_from_log_snr64(self, log_snr: Tensor) -> Tensor:
+        return (-0.5 * log_snr).exp()
 
     def network_time(self, t: Tensor) -> Tensor:
         # EDM's c_noise = log(sigma) / 4, scaled to the range sinusoidal embeddings resolve

@@ -7,9 +7,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..param import convert, predict
+from ..param import convert
 from ..processes import Process, expand_like
-from .base import SampleResult, prepare, randn_like, report, step_pairs
+from .base import GridModel, SampleResult, prepare, randn_like, report, step_pairs, tabulate_linear
 
 __all__ = ["sample_ddim", "ddim_step"]
 
@@ -43,18 +43,29 @@ def sample_ddim(model: Callable, x_T: Tensor, process: Process, grid: Tensor, *,
                 callback: Callable[[dict], None] | None = None, progress: bool = False,
                 dtype: torch.dtype | None = None) -> SampleResult:
     """DDIM: one :func:`ddim_step` per grid interval. ``eta = 0`` is the deterministic probability-flow
-    discretisation, first order in the step size.
+    discretisation, first order in the step size. Without ``clip_x0`` the step, linear in ``(x, eps, noise)``,
+    is tabulated once for the whole grid (:func:`~atdiff.samplers.base.tabulate_linear` on :func:`ddim_step`).
 
     Shapes: ``x_T`` ``(B, ...)``; ``grid`` ``(N + 1,)`` decreasing. Returns ``SampleResult(x, nfe=N)``.
     """
     if not eta >= 0:
         raise ValueError(f"eta: expected >= 0, got {eta}")
     x, grid = prepare(x_T, process, grid, dtype)
-    nfe = 0
+    evaluate = GridModel(model, process, grid, "eps")
+    t_vec, s_vec, n = grid[:-1], grid[1:], len(grid) - 1
+    if clip_x0 is None:
+        step = tabulate_linear(lambda y, e, *z: ddim_step(y, e, process, t_vec, s_vec, eta=eta,
+                                                          noise=z[0] if z else None)[0], 3 if eta else 2, n)
+        to_x0 = tabulate_linear(lambda y, e: ddim_step(y, e, process, t_vec, s_vec)[1], 2, n)
     for i, t, s in step_pairs(grid, x, progress, "ddim"):
-        eps = predict(model, x, t.to(x.dtype), process, "eps")
-        nfe += 1
+        eps, _ = evaluate.at(x, i)
         noise = randn_like(x, generator) if eta else None
-        x, x0 = ddim_step(x, eps, process, t, s, eta=eta, noise=noise, clip_x0=clip_x0)
+        if clip_x0 is not None:
+            x, x0 = ddim_step(x, eps, process, t, s, eta=eta, noise=noise, clip_x0=clip_x0)
+        else:
+            x0 = (to_x0[0][i] * x + to_x0[1][i] * eps) if callback is not None else None
+            x = step[0][i] * x + step[1][i] * eps
+            if eta:
+                x = x + step[2][i] * noise
         report(callback, i=i, t=t, s=s, x=x, x0=x0, eps=eps)
-    return SampleResult(x, nfe)
+    return SampleResult(x, evaluate.nfe)

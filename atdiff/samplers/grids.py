@@ -6,12 +6,18 @@ from ``t - T // n`` arithmetic. Grids are float64 tensors of shape ``(N + 1,)`` 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from ..processes import Process, VPDiscrete
+from ..processes import VE, Process, VPDiscrete
 
-__all__ = ["uniform_grid", "karras_grid", "respacing_timesteps", "respaced_grid", "check_grid"]
+__all__ = ["uniform_grid", "karras_grid", "respacing_timesteps", "respaced_grid", "check_grid", "SKIP_TYPES",
+           "default_t_end", "edm_sigma", "edm_time", "karras_time_grid", "dpm_grid"]
+
+#: DPM-Solver's time-step spacings
+SKIP_TYPES = ("time-uniform", "logSNR", "time-quadratic")
 
 
 def check_grid(grid: Tensor, process: Process, name: str = "grid") -> Tensor:
@@ -120,4 +126,72 @@ def respaced_grid(process: VPDiscrete, spec: str | int) -> Tensor:
         raise ValueError(f"process: respacing needs a VPDiscrete process, got {process!r}")
     kept = respacing_timesteps(process.T, spec)
     grid = torch.tensor(sorted(kept, reverse=True) + [0], dtype=torch.float64)
+    return check_grid(grid, process)
+
+
+def default_t_end(process: Process) -> float:
+    """The smallest time a solver that stops short of the data goes to: ``t = 1`` for :class:`VPDiscrete`
+    (the first trained step), ``sigma_min`` for :class:`VE`, ``1e-3 t_max`` otherwise (DPM-Solver's
+    choice)."""
+    if isinstance(process, VPDiscrete):
+        return 1.0
+    if isinstance(process, VE):
+        return float(process.sigma_min)
+    return 1e-3 * process.t_max
+
+
+def edm_sigma(process: Process, t: Tensor | float) -> Tensor:
+    """EDM noise level ``sigma(t) / alpha(t) = exp(-log_snr / 2)`` (0 at the data). Shape of ``t``.
+
+    In the coordinates ``x / alpha`` every process is the VE process ``x0 + edm_sigma * eps``."""
+    return (-0.5 * process.log_snr(t)).exp()
+
+
+def edm_time(process: Process, sigma: Tensor | float) -> Tensor:
+    """Inverse of :func:`edm_sigma`: the process time with ``sigma / alpha = sigma`` (clamped to the time
+    range; ``sigma = 0`` gives ``t_min``). Shape of ``sigma``."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    return process.t_from_log_snr(-2 * sigma.log())
+
+
+def karras_time_grid(process: Process, steps: int, sigma_min: float | None = None,
+                     sigma_max: float | None = None, rho: float = 7.0, append_zero: bool = True) -> Tensor:
+    """The EDM (Karras) grid of ``steps`` noise levels ``sigma / alpha`` from ``sigma_max`` (default: that of
+    ``t_max``) to ``sigma_min`` (default: that of :func:`default_t_end`), mapped to process times by
+    :func:`edm_time`, followed by ``t_min`` if ``append_zero``. Float64, decreasing; for :class:`VE` the times
+    are the Karras sigmas themselves."""
+    lo = float(edm_sigma(process, default_t_end(process))) if sigma_min is None else float(sigma_min)
+    hi = float(edm_sigma(process, process.t_max)) if sigma_max is None else float(sigma_max)
+    sig = karras_grid(lo, hi, steps, rho, append_zero=False)
+    grid = edm_time(process, sig)
+    if append_zero:
+        grid = torch.cat([grid, grid.new_full((1,), process.t_min)])
+    return check_grid(grid, process)
+
+
+def dpm_grid(process: Process, steps: int, skip_type: str = "logSNR", t_end: float | None = None,
+             t_start: float | None = None, denoise_to_zero: bool = False) -> Tensor:
+    """DPM-Solver's grid: ``steps + 1`` times from ``t_start`` (default ``t_max``) to ``t_end`` (default
+    :func:`default_t_end`), evenly spaced in ``lambda = log_snr / 2`` (``"logSNR"``), in ``t``
+    (``"time-uniform"``) or in ``sqrt(t)`` (``"time-quadratic"``). ``denoise_to_zero`` appends ``t_min``
+    (one more, first-order, step). Float64, decreasing, shape ``(steps + 1,)`` or ``(steps + 2,)``."""
+    _check_steps(steps)
+    if skip_type not in SKIP_TYPES:
+        raise ValueError(f"skip_type: expected one of {SKIP_TYPES}, got {skip_type!r}")
+    t_start = process.t_max if t_start is None else float(t_start)
+    t_end = default_t_end(process) if t_end is None else float(t_end)
+    if not process.t_min < t_end < t_start:
+        raise ValueError(f"t_end: expected t_min < t_end < t_start = {t_start}, got {t_end}")
+    ends = torch.tensor([t_start, t_end], dtype=torch.float64)
+    if skip_type == "logSNR":
+        lam = process.log_snr(ends)
+        grid = process.t_from_log_snr(torch.linspace(lam[0].item(), lam[1].item(), steps + 1,
+                                                     dtype=torch.float64))
+        grid[0], grid[-1] = t_start, t_end  # exact end points (the round trip is accurate to ~1e-13)
+    elif skip_type == "time-uniform":
+        grid = torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)
+    else:
+        grid = torch.linspace(math.sqrt(t_start), math.sqrt(t_end), steps + 1, dtype=torch.float64) ** 2
+    if denoise_to_zero:
+        grid = torch.cat([grid, grid.new_full((1,), process.t_min)])
     return check_grid(grid, process)
