@@ -36,8 +36,8 @@ from .param import (
 from .processes import Process, VPDiscrete, expand_like
 
 __all__ = ["TARGET_MODES", "denoising_target", "perturbed_input", "denoising_loss", "sample_times",
-           "DenoisingLoss", "normal_kl", "discretized_gaussian_log_likelihood", "LossSecondMomentSampler",
-           "HybridLoss", "split_learned_variance"]
+           "DenoisingLoss", "evaluate_loss", "normal_kl", "discretized_gaussian_log_likelihood",
+           "LossSecondMomentSampler", "HybridLoss", "split_learned_variance"]
 
 TARGET_MODES = ("invariant", "equivariant", "equivariant-detached")
 
@@ -136,16 +136,24 @@ class DenoisingLoss:
 
     def __call__(self, model: Callable, x0: Tensor, *, t: Tensor | None = None, eps: Tensor | None = None,
                  perturber=None, generator: torch.Generator | None = None) -> Tensor:
-        if t is None or eps is None:
-            t_draw, eps_draw = self.draw(x0, generator)
-            t = t_draw if t is None else t
-            eps = eps_draw if eps is None else eps
-        if perturber is None:
-            return self.at(model, x0, t, eps)
-        mode = perturber.target_mode
-        delta = perturber(lambda d: self.at(model, x0, t, eps, d, mode), x0, t, self.process,
-                          generator=generator)
-        return self.at(model, x0, t, eps, delta, mode)
+        return evaluate_loss(self, model, x0, t, eps, perturber, generator)
+
+
+def evaluate_loss(loss, model: Callable, x0: Tensor, t: Tensor | None, eps: Tensor | None, perturber=None,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """One evaluation of a loss object (``draw``, ``at``, ``process``: :class:`DenoisingLoss`, :class:`HybridLoss`)
+    on ``x0`` ``(B, ...)``: draw whichever of ``t``, ``eps`` is missing, let the ``perturber`` pick ``delta``
+    from a closure ``delta -> per-sample loss`` (it also fixes the target mode), and return the per-sample loss
+    ``(B,)`` at that ``delta``. The single place where a perturber meets a loss."""
+    if t is None or eps is None:
+        t_draw, eps_draw = loss.draw(x0, generator)
+        t = t_draw if t is None else t
+        eps = eps_draw if eps is None else eps
+    if perturber is None:
+        return loss.at(model, x0, t, eps)
+    mode = perturber.target_mode
+    delta = perturber(lambda d: loss.at(model, x0, t, eps, d, mode), x0, t, loss.process, generator=generator)
+    return loss.at(model, x0, t, eps, delta, mode)
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
@@ -333,17 +341,7 @@ class HybridLoss:
 
     def __call__(self, model: Callable, x0: Tensor, *, t: Tensor | None = None, eps: Tensor | None = None,
                  perturber=None, generator: torch.Generator | None = None) -> Tensor:
-        if t is None or eps is None:
-            t_draw, eps_draw = self.draw(x0, generator)
-            t = t_draw if t is None else t
-            eps = eps_draw if eps is None else eps
-        if perturber is None:
-            loss = self.at(model, x0, t, eps)
-        else:
-            mode = perturber.target_mode
-            delta = perturber(lambda d: self.at(model, x0, t, eps, d, mode), x0, t, self.process,
-                              generator=generator)
-            loss = self.at(model, x0, t, eps, delta, mode)
+        loss = evaluate_loss(self, model, x0, t, eps, perturber, generator)
         self._commit()
         return loss
 

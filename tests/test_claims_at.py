@@ -24,11 +24,7 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread avoids the synchronisation cost of a busy 2-core machine."""
-    with ca._one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (see conftest.py)
 
 
 # --- C4: DRO = AT ------------------------------------------------------------------------------------------

@@ -43,13 +43,7 @@ CHAIN_IDS = ["C1", "C2", "C3", "C9", "C10"]
 FEW = settings(max_examples=6, deadline=None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread avoids MKL's two-thread synchronisation cost on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (see conftest.py)
 
 
 def noisy_chain(process, nfe: int, sampler: str):

@@ -25,13 +25,7 @@ from atdiff.train import free_at_step, train_step
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the tensors here are tiny: a second intra-op thread only adds synchronisation (badly so on a busy host)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (see conftest.py)
 
 
 class LinearLearnedVariance(torch.nn.Module):

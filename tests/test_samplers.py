@@ -45,13 +45,7 @@ F64 = torch.float64
 M2, S2 = [1.0, -2.0], [[1.0, 0.4], [0.4, 0.5]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the tensors here are tiny: a second intra-op thread only adds synchronisation (badly so on a busy host)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (see conftest.py)
 
 
 def _coef(process, t):
