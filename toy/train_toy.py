@@ -1,12 +1,12 @@
-"""Train the toy MLP on a 2-D Gaussian mixture and compare its DDIM samples with the oracle's.
+"""Train the toy MLP on a 2-D Gaussian mixture and compare its samples with the oracle's.
 
-    python -m toy.train_toy [--steps 3000] [--mixture ring8] [--json out.json]
+    python -m toy.train_toy [--steps 3000] [--mixture ring8] [--sampler ddim] [--sample-steps 50] [--json out.json]
 
-Prints the W2 distance (exact optimal transport, POT ``emd2``) between DDIM samples and fresh samples of the true
-mixture for: the trained model (EMA weights), the oracle denoiser with the same sampler and grid, a moment-matched
-Gaussian oracle (the best unimodal model) and the untrained network; beside W2, the statistics that see blur and
-mode balance (off-mode fraction, mode-occupancy TV, cross-entropy under the true density) and the true-vs-true W2
-floor, since W2 of a few thousand samples alone cannot rank close models (method.md section 8).
+Prints the W2 distance (exact optimal transport, POT ``emd2``) between samples (DDIM by default) and fresh samples
+of the true mixture for: the trained model (EMA weights), the oracle denoiser with the same sampler and grid, a
+moment-matched Gaussian oracle (the best unimodal model) and the untrained network; beside W2, the statistics that
+see blur and mode balance (off-mode fraction, mode-occupancy TV, cross-entropy under the true density) and the
+true-vs-true W2 floor, since W2 of a few thousand samples alone cannot rank close models (method.md section 8).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from atdiff.metrics import mode_statistics
 from atdiff.networks import MLP
 from atdiff.param import DiffusionModel
 from atdiff.processes import VPDiscrete
-from atdiff.samplers import respaced_grid, sample_ddim
+from atdiff.samplers import REGISTRY, sample, sampler_help
 from atdiff.train import EMA, seed_everything, train_step
 from theory.gaussian import GaussianMixture, log_prob, oracle_model, sample_data
 from toy.mixtures import MIXTURES, make_mixture, moment_matched_gaussian
@@ -72,7 +72,6 @@ def run(args: argparse.Namespace) -> dict:
     trained, untrained = train(mix, process, args, gen)
     train_seconds = time.perf_counter() - start
 
-    grid = respaced_grid(process, f"ddim{args.ddim_steps}")
     x_T = torch.randn(args.n_eval, 2, generator=gen)
     reference = sample_data(mix, args.n_eval, gen)
     models = {
@@ -84,16 +83,16 @@ def run(args: argparse.Namespace) -> dict:
     results = {}
     with torch.no_grad():
         for name, model in models.items():
-            results[name] = evaluate(sample_ddim(model, x_T, process, grid).x.float(), mix, reference,
-                                     process)
+            x = sample(args.sampler, model, x_T, process, args.sample_steps, generator=gen).x
+            results[name] = evaluate(x.float(), mix, reference, process)
     results["true samples"] = evaluate(sample_data(mix, args.n_eval, gen).float(), mix, reference, process)
     return {"config": vars(args), "train_seconds": train_seconds, "results": results}
 
 
 def format_table(report: dict) -> str:
     cfg = report["config"]
-    lines = [f"{cfg['mixture']}: {cfg['steps']} steps in {report['train_seconds']:.1f} s; DDIM {cfg['ddim_steps']} "
-             f"steps, {cfg['n_eval']} samples each",
+    lines = [f"{cfg['mixture']}: {cfg['steps']} steps in {report['train_seconds']:.1f} s; {cfg['sampler']} with "
+             f"{cfg['sample_steps']} steps, {cfg['n_eval']} samples each",
              f"{'model':<18}{'W2':>9}{'off-mode':>10}{'mode TV':>9}{'cross-ent':>11}"]
     for name, r in report["results"].items():
         lines.append(f"{name:<18}{r['w2']:>9.4f}{r['off_mode_fraction']:>10.4f}{r['mode_tv']:>9.4f}"
@@ -103,7 +102,7 @@ def format_table(report: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--mixture", default="ring8", choices=sorted(MIXTURES), help="the 2-D data law")
     p.add_argument("--steps", type=int, default=3000, help="parameter updates")
     p.add_argument("--batch", type=int, default=1024, help="fresh mixture samples per update")
@@ -112,13 +111,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (cosine-annealed to 5%%)")
     p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the evaluated weights")
     p.add_argument("--schedule", default="cosine", choices=["linear", "cosine"], help="VP beta schedule (T=1000)")
-    p.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps (improved-diffusion 'ddimN' grid)")
+    p.add_argument("--sampler", default="ddim", choices=sorted(REGISTRY), metavar="NAME",
+                   help="sampler of every model (default ddim), one of:\n" + sampler_help())
+    p.add_argument("--sample-steps", type=int, default=50, help="sampler steps on its default grid")
     p.add_argument("--n-eval", type=int, default=2000, help="samples per model for the statistics")
     p.add_argument("--seed", type=int, default=0, help="seed of everything")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    for name in ("steps", "batch", "hidden", "depth", "ddim_steps", "n_eval"):
+    for name in ("steps", "batch", "hidden", "depth", "sample_steps", "n_eval"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args

@@ -46,6 +46,15 @@ def _respaced_or_uniform(process: Process, steps: int) -> Tensor:
     return uniform_grid(process, steps)
 
 
+def _ddim_or_uniform(process: Process, steps: int) -> Tensor:
+    """improved-diffusion's ``"ddimN"`` respacing (stride from t = 0, so it never starts at t = T, where the
+    cosine schedule's ``abar_T ~ 2e-9`` would amplify the x0 prediction's error ~1000-fold) on a discrete process,
+    else a uniform grid."""
+    if isinstance(process, VPDiscrete):
+        return respaced_grid(process, f"ddim{steps}")
+    return uniform_grid(process, steps)
+
+
 class SamplerSpec(NamedTuple):
     """A registered sampler: the function, its default grid ``grid(process, steps)``, a one-line summary."""
 
@@ -61,7 +70,8 @@ REGISTRY: dict[str, SamplerSpec] = {
                          "respaced steps; NFE N"),
     "iddpm-es": SamplerSpec(sample_iddpm_es, _respaced_or_uniform, "IDDPM with epsilon scaling eps/1.017 "
                             "(es_lam, es_slope); NFE N"),
-    "ddim": SamplerSpec(sample_ddim, uniform_grid, "DDIM, deterministic for eta=0, first order; NFE N"),
+    "ddim": SamplerSpec(sample_ddim, _ddim_or_uniform, "DDIM, deterministic for eta=0, first order, 'ddimN' "
+                        "respacing; NFE N"),
     "dpm-solver": SamplerSpec(partial(sample_dpm_solver, solver="dpmsolver", method="singlestep", order=3),
                               dpm_grid, "DPM-Solver-3 single-step, noise prediction, logSNR grid; NFE 3N"),
     "dpm-solver++": SamplerSpec(partial(sample_dpm_solver, solver="dpmsolver++", method="multistep", order=2),
