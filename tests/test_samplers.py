@@ -373,6 +373,26 @@ def test_nfe_counts():
                       corrector_steps=2).nfe == 30
 
 
+@pytest.mark.parametrize("method", ["multistep", "singlestep"])
+def test_dpm_solver_lowers_the_final_orders_only_for_short_runs(method):
+    """DPM-Solver's rule: below 10 steps the last steps use order <= steps left; multistep warms up."""
+    process = VPDiscrete("linear")
+    x_T, _ = _prior(process, 8, 2, 3)
+
+    def orders(n, lower):
+        seen = []
+        model = counted(gaussian_eps_model(process, M2, S2))
+        out = sample_dpm_solver(model, x_T, process, dpm_grid(process, n), order=3, method=method,
+                                lower_order_final=lower, callback=lambda d: seen.append(d["order"]))
+        assert out.nfe == model.calls == (n if method == "multistep" else sum(seen))
+        return seen
+
+    warm = [1, 2] if method == "multistep" else [3, 3]
+    assert orders(5, True) == warm + [3, 2, 1]
+    assert orders(5, False) == warm + [3, 3, 3]
+    assert orders(12, True) == orders(12, False) == warm + [3] * 10
+
+
 def _smoke_model(name, process):
     model = gaussian_eps_model(process, M2, S2)
     return with_variance(model, 0.0) if name.startswith("iddpm") else model
