@@ -27,7 +27,9 @@ def to_unit_range(images: np.ndarray, max_value: float = 255.0) -> Tensor:
     return torch.from_numpy(np.asarray(images, dtype=np.float32) * (2.0 / max_value) - 1.0)
 
 
-def _rows_to_images(data: np.ndarray, channels: int, size: int, name: str) -> np.ndarray:
+def _rows_to_images(data: np.ndarray, channels: int, size: int, arg: str, source: str) -> np.ndarray:
+    """``data`` as ``(N, C, H, W)`` from flat rows, NHWC or NCHW; an error names the argument ``arg`` and the
+    file ``source`` it came from."""
     data = np.asarray(data)
     if data.ndim == 2 and data.shape[1] == channels * size * size:
         return data.reshape(-1, channels, size, size)
@@ -35,7 +37,7 @@ def _rows_to_images(data: np.ndarray, channels: int, size: int, name: str) -> np
         return data.transpose(0, 3, 1, 2)
     if data.ndim == 4 and data.shape[1:] == (channels, size, size):
         return data
-    raise ValueError(f"{name}: expected rows of {channels * size * size} values or images of "
+    raise ValueError(f"{arg}: {source}: expected rows of {channels * size * size} values or images of "
                      f"{size}x{size}x{channels}, got shape {data.shape}")
 
 
@@ -59,7 +61,7 @@ def load_cifar10(root: str | os.PathLike, train: bool = True) -> tuple[Tensor, T
         batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
         if "data" not in batch or "labels" not in batch:
             raise ValueError(f"root: {root / name} has no 'data'/'labels' entries")
-        images.append(_rows_to_images(batch["data"], 3, 32, str(root / name)))
+        images.append(_rows_to_images(batch["data"], 3, 32, "root", str(root / name)))
         labels.append(np.asarray(batch["labels"], dtype=np.int64))
     return to_unit_range(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
@@ -80,7 +82,7 @@ def load_imagenet64_npz(paths: str | os.PathLike | list[str | os.PathLike]) -> t
                 data, lab = f["data"], f["labels"]
         except (OSError, KeyError, ValueError) as err:
             raise ValueError(f"paths: {path} is not an ImageNet-64 npz with 'data' and 'labels' ({err})") from err
-        images.append(_rows_to_images(data, 3, 64, str(path)))
+        images.append(_rows_to_images(data, 3, 64, "paths", str(path)))
         lab = np.asarray(lab, dtype=np.int64) - 1
         if lab.min(initial=0) < 0 or lab.max(initial=0) > 999:
             raise ValueError(f"paths: {path} has labels outside 1..1000")

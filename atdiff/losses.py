@@ -33,7 +33,7 @@ from .param import (
     predict_with_variance,
     split_learned_variance,
 )
-from .processes import Process, VPDiscrete, expand_like
+from .processes import Process, VPDiscrete, check_finite, expand_like
 
 __all__ = ["TARGET_MODES", "denoising_target", "perturbed_input", "denoising_loss", "sample_times",
            "DenoisingLoss", "evaluate_loss", "normal_kl", "discretized_gaussian_log_likelihood",
@@ -66,7 +66,7 @@ def perturbed_input(x0: Tensor, eps: Tensor, t: Tensor, process: Process, delta:
         raise ValueError(f"target_mode: expected one of {TARGET_MODES}, got {target_mode!r}")
     if t.shape != (x0.shape[0],):
         raise ValueError(f"t: expected shape ({x0.shape[0]},) to match x0, got {tuple(t.shape)}")
-    x_t = process.add_noise(x0, eps, t)
+    x_t = process.add_noise(x0, eps, t, validate=False)  # checked once at the entry (evaluate_loss)
     eps_target = eps
     if delta is not None:
         if delta.shape != x0.shape:
@@ -85,7 +85,8 @@ def denoising_loss(model: Callable, x0: Tensor, t: Tensor, eps: Tensor, process:
 
     Shapes: ``x0``, ``eps``, ``delta`` ``(B, ...)``; ``t`` ``(B,)``; ``weight`` ``(B,)`` or None.
     Returns ``(B,)``. The model's own prediction kind is converted to ``target`` through
-    :func:`atdiff.param.predict`.
+    :func:`atdiff.param.predict`. Shapes are checked here; finiteness and the range of ``t`` are checked once
+    per batch by :func:`evaluate_loss` (this function is the inner loop of an attack).
     """
     x_t, eps_target = perturbed_input(x0, eps, t, process, delta, target_mode)
     pred = predict(model, x_t, t, process, target)
@@ -144,7 +145,13 @@ def evaluate_loss(loss, model: Callable, x0: Tensor, t: Tensor | None, eps: Tens
     """One evaluation of a loss object (``draw``, ``at``, ``process``: :class:`DenoisingLoss`, :class:`HybridLoss`)
     on ``x0`` ``(B, ...)``: draw whichever of ``t``, ``eps`` is missing, let the ``perturber`` pick ``delta``
     from a closure ``delta -> per-sample loss`` (it also fixes the target mode), and return the per-sample loss
-    ``(B,)`` at that ``delta``. The single place where a perturber meets a loss."""
+    ``(B,)`` at that ``delta``. The single place where a perturber meets a loss, and where its inputs are
+    checked (finite ``x0``, ``t``, ``eps``; ``t`` in the process's range) before the inner loop runs."""
+    check_finite(x0, "x0")
+    if t is not None:
+        loss.process.check_time(t)
+    if eps is not None:
+        check_finite(eps, "eps")
     if t is None or eps is None:
         t_draw, eps_draw = loss.draw(x0, generator)
         t = t_draw if t is None else t

@@ -177,6 +177,11 @@ class Perturber:
             self._check_unused(("steps", "step_size", "step_units", "step_rule", "init"))
         if self.kind == "none":
             self._check_unused(("radius",))
+            # no delta: a norm, budget or target mode other than the default would be silently ignored
+            for name, default in (("norm", "l2"), ("budget", "absolute"), ("target_mode", "invariant")):
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name}: not used by kind='none' (no perturbation); leave it at "
+                                     f"{default!r}, got {getattr(self, name)!r}")
             return
         if self.radius is None:
             raise ValueError(f"radius: required for kind={self.kind!r}")

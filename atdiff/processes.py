@@ -145,14 +145,22 @@ class Process:
         """Signal-to-noise ratio ``alpha^2 / sigma^2``. Shape of ``t``."""
         return self.log_snr(t).exp()
 
-    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor | float) -> Tensor:
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor | float, *, validate: bool = True) -> Tensor:
         """Sample ``x_t = alpha(t) x0 + sigma(t) eps``.
 
         Args: ``x0`` and ``eps`` of shape ``(B, ...)``; ``t`` of shape ``()`` or ``(B,)``.
         Returns ``x_t`` of shape ``(B, ...)`` in ``x0.dtype``.
+
+        ``validate`` (as in ``torch.distributions``) checks that ``x0``, ``eps`` and ``t`` are finite and ``t``
+        lies in ``[t_min, t_max]``; these checks synchronise with the device, so inner loops that have checked
+        their inputs once (the losses) pass ``validate=False``. Shapes are always checked.
         """
         if x0.shape != eps.shape:
             raise ValueError(f"eps: expected the shape of x0 {tuple(x0.shape)}, got {tuple(eps.shape)}")
+        if validate:
+            check_finite(x0, "x0")
+            check_finite(eps, "eps")
+            self.check_time(t)
         t = _as_time(t, x0)
         a = expand_like(self._log_alpha64(t.double()).exp(), x0)
         s = expand_like(self._sigma64(t.double()), x0)

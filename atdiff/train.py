@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .processes import check_finite
+
 __all__ = ["EMA", "train_step", "free_at_step", "seed_everything", "save_checkpoint", "load_checkpoint",
            "rng_state", "set_rng_state"]
 
@@ -72,6 +74,7 @@ def train_step(model: nn.Module, x0: Tensor, loss: Callable[..., Tensor], optimi
     ``autocast_dtype`` (e.g. ``torch.bfloat16``, autocast on ``x0``'s device type) enable mixed precision.
     """
     _check_grad_clip(grad_clip)
+    check_finite(x0, "x0")
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with _autocast(x0, autocast_dtype):
@@ -113,6 +116,7 @@ def free_at_step(model: nn.Module, x0: Tensor, loss: Any, optimizer: torch.optim
     if not isinstance(replay, int) or isinstance(replay, bool) or replay < 1:
         raise ValueError(f"replay: expected an integer >= 1, got {replay!r}")
     _check_grad_clip(grad_clip)
+    check_finite(x0, "x0")  # once per minibatch: the K passes below call loss.at, which does not check
     kind = "none" if perturber is None else perturber.kind
     if kind not in ("none", "fgsm", "pgd"):
         raise ValueError(f"perturber: free AT needs an ascent perturber (kind 'fgsm' or 'pgd') or none, "

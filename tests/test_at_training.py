@@ -132,6 +132,27 @@ def test_pgd_training_step_leaks_no_attack_gradient():
         torch.testing.assert_close(u.detach(), r.detach() - 0.5 * r.grad)
 
 
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_fgsm_training_step_matches_a_hand_written_attack(norm):
+    # FGSM through train_step against an attack written here without the perturber's code: one step of
+    # length r along the l2-normalised gradient (l2) or its sign (linf), from delta = 0
+    p, model, loss, x0 = setup()
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    counts = instrument(model, opt)
+    r = 0.3
+    pert = Perturber("fgsm", norm=norm, radius=r, target_mode="equivariant-detached")
+    train_step(model, x0, loss, opt, perturber=pert, generator=torch.Generator().manual_seed(4))
+    assert counts == {"forward": 2, "backward": 1, "step": 1}
+    t, eps = loss.draw(x0, torch.Generator().manual_seed(4))
+    d0 = torch.zeros_like(x0, requires_grad=True)
+    (g,) = torch.autograd.grad(loss.at(ref, x0, t, eps, d0, pert.target_mode).sum(), d0)
+    delta = r * (g / g.norm(dim=1, keepdim=True) if norm == "l2" else g.sign())
+    loss.at(ref, x0, t, eps, delta, pert.target_mode).mean().backward()
+    for u, w in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(u.detach(), w.detach() - 0.5 * w.grad)
+
+
 @pytest.mark.parametrize("growth_interval", [10**6, 1])  # constant scale; scale doubling after every pass
 @pytest.mark.parametrize("rule", ["l2", "sign"])
 def test_grad_scaler_gives_the_same_delta_updates(rule, growth_interval):

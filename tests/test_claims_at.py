@@ -307,7 +307,6 @@ def test_c8_reference_recipe_never_projects_and_a_small_radius_does():
 
 # --- cross-checks against the sympy derivations and the general affine chains ---------------------------------
 def test_symbolic_cross_checks():
-    pytest.importorskip("theory.symbolic")
     q4 = ca.symbolic_c4_check()
     assert q4["symbolic_rel_error"] < 1e-10 and q4["symbolic_derivations_verified"], q4
     q5 = ca.symbolic_c5_check(PROCESSES["linear"])
@@ -316,8 +315,17 @@ def test_symbolic_cross_checks():
     assert q6["symbolic_rel_error"] < 1e-10 and q6["symbolic_derivations_verified"], q6
 
 
+def test_symbolic_error_fails_a_cross_check_that_did_not_deliver():
+    keys, ok = ("symbolic_rel_error",), "symbolic_derivations_verified"
+    assert ca.symbolic_error({"symbolic_rel_error": 3e-13, ok: True}, keys, ok) == 3e-13
+    assert ca.symbolic_error({"symbolic_check": f"{ca.SKIPPED_IN_QUICK} (sympy)"}, keys, ok) == 0.0
+    assert ca.symbolic_error({ok: True}, keys, ok) == math.inf  # an error missing from the record
+    assert ca.symbolic_error({"symbolic_rel_error": 0.0, ok: False}, keys, ok) == math.inf
+    assert ca.symbolic_error({"symbolic_rel_error": 0.0}, keys, ok) == math.inf  # verification not reported
+    assert ca.symbolic_error({"symbolic_check": "failed to run", "symbolic_rel_error": 0.0}, keys, ok) == math.inf
+
+
 def test_batched_chain_matches_theory_linear():
-    pytest.importorskip("theory.linear")
     q = ca.linear_chain_crosscheck(ca.c5_settings(), PROCESSES["linear"], 5, 0.3)
     assert q["theory_linear_max_abs_diff"] < 1e-12, q
 

@@ -140,11 +140,11 @@ def test_outputs_follow_x_dtype_and_time_shapes():
             out = fn(data, process, x, t)
             assert out.dtype == torch.float32 and out.shape == (5, 2)
         assert log_prob(data, process, x, t).shape == (5,)
-    with pytest.raises(ValueError, match="t"):
+    with pytest.raises(ValueError, match="^t[:,]"):
         score(data, process, x, torch.tensor([1, 2]))
-    with pytest.raises(ValueError, match="t"):
+    with pytest.raises(ValueError, match="^t[:,]"):
         score(data, process, x, torch.tensor(1001))
-    with pytest.raises(ValueError, match="x"):
+    with pytest.raises(ValueError, match="^x[:,]"):
         score(data, process, torch.randn(5, 3), torch.tensor(1))
 
 
@@ -410,28 +410,28 @@ def test_linear_eps_star_and_loss(process):
 # validation
 # ------------------------------------------------------------------------------------------------------------
 def test_bad_inputs_raise_value_errors_naming_the_argument():
-    with pytest.raises(ValueError, match="cov"):
+    with pytest.raises(ValueError, match="^cov[:,]"):
         Gaussian([0.0, 0.0], [[1.0, 2.0], [2.0, 1.0]])  # indefinite
-    with pytest.raises(ValueError, match="cov"):
+    with pytest.raises(ValueError, match="^cov[:,]"):
         Gaussian([0.0, 0.0], [[1.0, 0.5], [0.0, 1.0]])  # not symmetric
-    with pytest.raises(ValueError, match="cov"):
+    with pytest.raises(ValueError, match="^cov[:,]"):
         Gaussian([0.0, 0.0], [[1.0, 0.0], [0.0, 0.0]])  # singular
-    with pytest.raises(ValueError, match="cov"):
+    with pytest.raises(ValueError, match="^cov[:,]"):
         Gaussian([0.0, 0.0], [[1.0]])
-    with pytest.raises(ValueError, match="mean"):
+    with pytest.raises(ValueError, match="^mean[:,]"):
         Gaussian([[0.0]], [[1.0]])
-    with pytest.raises(ValueError, match="mean"):
+    with pytest.raises(ValueError, match="^mean[:,]"):
         Gaussian([float("nan")], [[1.0]])
     covs = [[[1.0]], [[1.0]]]
-    with pytest.raises(ValueError, match="weights"):
+    with pytest.raises(ValueError, match="^weights[:,]"):
         GaussianMixture([0.5, 0.6], [[0.0], [1.0]], covs)
-    with pytest.raises(ValueError, match="weights"):
+    with pytest.raises(ValueError, match="^weights[:,]"):
         GaussianMixture([1.5, -0.5], [[0.0], [1.0]], covs)
-    with pytest.raises(ValueError, match="covs"):
+    with pytest.raises(ValueError, match="^covs[:,]"):
         GaussianMixture([0.5, 0.5], [[0.0], [1.0]], [[[1.0]], [[-1.0]]])
-    with pytest.raises(ValueError, match="covs"):
+    with pytest.raises(ValueError, match="^covs[:,]"):
         GaussianMixture([0.5, 0.5], [[0.0], [1.0]], [[[1.0]]])
-    with pytest.raises(ValueError, match="means"):
+    with pytest.raises(ValueError, match="^means[:,]"):
         GaussianMixture([0.5, 0.5], [[0.0]], covs)
     # a sum within 1e-6 is accepted and renormalised
     mix = GaussianMixture([0.5, 0.5 + 5e-7], [[0.0], [1.0]], covs)
@@ -440,5 +440,5 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         kl_gaussians([0.0], [[1.0]], [0.0], [[-1.0]])
     with pytest.raises(ValueError, match="S0"):
         w2_gaussians([0.0], [[-1.0]], [0.0], [[1.0]])
-    with pytest.raises(TypeError, match="data"):
+    with pytest.raises(TypeError, match="^data[:,]"):
         flow_map(mixture1(), VE(), torch.zeros(1, 1), torch.tensor(1.0), torch.tensor(0.5))

@@ -322,6 +322,9 @@ def test_pgd_raises_the_loss_stays_in_the_ball_and_leaves_grads_alone(norm, mode
     (dict(kind="gaussian", radius=1.0, steps=2), "steps"),
     (dict(kind="gaussian", radius=1.0, init="uniform"), "init"),
     (dict(kind="none", radius=1.0), "radius"),
+    (dict(kind="none", norm="linf"), "norm"),
+    (dict(kind="none", budget="kl"), "budget"),
+    (dict(kind="none", target_mode="equivariant"), "target_mode"),
     (dict(kind="pgd", norm="linf", budget="kl", radius=1.0), "budget"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, name):

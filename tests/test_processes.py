@@ -132,22 +132,32 @@ def test_predict_uses_declared_prediction():
 
 
 def test_bad_inputs_name_the_argument():
-    with pytest.raises(ValueError, match="schedule"):
+    with pytest.raises(ValueError, match="^schedule:"):
         VPDiscrete("quadratic")
-    with pytest.raises(ValueError, match="T"):
+    with pytest.raises(ValueError, match="^T:"):
         VPDiscrete("linear", T=0)
-    with pytest.raises(ValueError, match="name"):
+    with pytest.raises(ValueError, match="^name:"):
         make_process("vp-weird")
     p = VPDiscrete("linear")
-    with pytest.raises(ValueError, match="t"):
+    with pytest.raises(ValueError, match="^t:"):
         p.add_noise(torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(4))
-    with pytest.raises(ValueError, match="eps"):
+    with pytest.raises(ValueError, match="^eps:"):
         p.add_noise(torch.zeros(3, 2), torch.zeros(3, 3), torch.zeros(3))
-    with pytest.raises(ValueError, match="t"):
+    with pytest.raises(ValueError, match="^t:"):
         p.check_time(torch.tensor([1001.0]))
-    with pytest.raises(ValueError, match="s"):
+    with pytest.raises(ValueError, match="^s:"):
         p.posterior(torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor([5.0]), torch.tensor([7.0]))
-    with pytest.raises(ValueError, match="src"):
+    with pytest.raises(ValueError, match="^src:"):
         convert(torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor([5.0]), p, "noise", "eps")
-    with pytest.raises(ValueError, match="sigma_min"):
+    with pytest.raises(ValueError, match="^sigma_min, sigma_max:"):
         VE(sigma_min=-1.0)
+    with pytest.raises(ValueError, match="^x0:"):
+        p.add_noise(torch.tensor([[float("nan"), 0.0]]), torch.zeros(1, 2), torch.tensor([5.0]))
+    with pytest.raises(ValueError, match="^eps:"):
+        p.add_noise(torch.zeros(1, 2), torch.tensor([[0.0, float("inf")]]), torch.tensor([5.0]))
+    with pytest.raises(ValueError, match="^t:"):  # beyond T: an error, not a silent clamp to T
+        p.add_noise(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([1500.0]))
+    with pytest.raises(ValueError, match="^t:"):
+        p.add_noise(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([float("nan")]))
+    # validate=False skips only the value checks (an inner loop that has checked once)
+    assert p.add_noise(torch.ones(1, 2), torch.zeros(1, 2), torch.tensor([0.0]), validate=False).eq(1).all()

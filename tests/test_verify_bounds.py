@@ -79,9 +79,9 @@ def test_unknown_claim_id_lists_the_valid_ones(capsys, tmp_path):
 
 
 def test_reference_pair_errors_rejects_bad_input():
-    with pytest.raises(ValueError, match="ns"):
+    with pytest.raises(ValueError, match="^ns[:,]"):
         reference_pair_errors((1, 100))
-    with pytest.raises(ValueError, match="seeds"):
+    with pytest.raises(ValueError, match="^seeds[:,]"):
         reference_pair_errors((100,), seeds=1)
 
 

@@ -44,11 +44,12 @@ from atdiff.processes import Process, VPDiscrete
 from atdiff.samplers import ddim_step, uniform_grid
 from theory.claims import Verdict, claim
 from theory.gaussian import Gaussian, kl_gaussians, linear_eps_loss, linear_eps_star, w2_gaussians
+from theory.linear import AffineEpsModel, ddim_chain_marginals, ddpm_chain_marginals
 
 __all__ = [
     # C4
     "c_t", "model_step_mean", "dro_kl_terms", "dro_kl", "at_kl_rhs", "max_rel_error", "scaled_error",
-    "c4_identity_errors", "shift_kl", "radius_kl_error", "symbolic_c4_check",
+    "c4_identity_errors", "shift_kl", "radius_kl_error", "symbolic_error", "symbolic_c4_check",
     # C5
     "folded_normal_mean", "l_at_1d", "expected_norm_diag", "l_at_shared", "minimise_convex", "between_margin",
     "subgradient", "bracket_margin", "snap_to_kink", "at_minimiser_1d", "bayes_slope", "C5Setting", "c5_settings",
@@ -289,44 +290,36 @@ def c4_identity_errors(models: list[tuple[Callable, VPDiscrete, int]], n: int, g
     return [(max_rel_error(r, kl), scaled_error(r, kl, sc)) for r, kl, sc in zip(rhs, kls, scales, strict=True)]
 
 
-def _symbolic():
-    """:mod:`theory.symbolic` (sympy derivations, written concurrently), or the reason it cannot be used."""
-    try:
-        import theory.symbolic as sym
-    except Exception as err:  # the module may be missing or broken while it is being written
-        return None, f"theory.symbolic not available ({type(err).__name__}: {err})"
-    return sym, ""
+SKIPPED_IN_QUICK = "skipped in quick mode"
 
 
-def _guarded(fn: Callable[[Any], dict[str, Any]], key: str) -> dict[str, Any]:
-    """Run a cross-check against :mod:`theory.symbolic`; report (never raise) a missing module or changed API."""
-    sym, why = _symbolic()
-    if sym is None:
-        return {key: why}
-    try:
-        return fn(sym)
-    except Exception as err:
-        return {key: f"cross-check failed to run ({type(err).__name__}: {err})"}
+def symbolic_error(record: dict[str, Any], error_keys: tuple[str, ...], verified_key: str) -> float:
+    """The largest of ``record[error_keys]`` from a sympy cross-check: ``0`` when the record says the check was
+    skipped (``--quick``), ``inf`` when an error is missing or the derivation did not verify itself, so a
+    cross-check that did not deliver can never pass."""
+    if str(record.get("symbolic_check", "")).startswith(SKIPPED_IN_QUICK):
+        return 0.0
+    if record.get(verified_key) is not True:
+        return math.inf
+    return max(float(record.get(k, math.inf)) for k in error_keys)
 
 
 def symbolic_c4_check() -> dict[str, Any]:
     """``c_t`` and the KL radius against :mod:`theory.symbolic` (sympy): relative errors over all ``t`` of the
     linear and cosine schedules, and whether the sympy derivations verified themselves."""
+    from theory import symbolic as sym  # sympy loads in ~1 s: only when a full run needs it
 
-    def run(sym) -> dict[str, Any]:
-        errs = []
-        for schedule in ("linear", "cosine"):
-            p = VPDiscrete(schedule)
-            t = torch.arange(2, p.T + 1, dtype=F64)
-            errs.append(max_rel_error(torch.as_tensor(sym.c_t(p, t), dtype=F64), c_t(p, t)))
-            radius = sym.derive_kl_radius()
-            abar = p.abar(t)
-            got = torch.as_tensor(radius.func(0.05, abar.numpy()), dtype=F64)
-            errs.append(max_rel_error(got, _kl_ball_radius(0.05, (1 - abar).sqrt())))
-        verified = sym.derive_dro_at_constant().verified and sym.derive_kl_radius().verified
-        return {"symbolic_rel_error": max(errs), "symbolic_derivations_verified": bool(verified)}
-
-    return _guarded(run, "symbolic_check")
+    errs = []
+    for schedule in ("linear", "cosine"):
+        p = VPDiscrete(schedule)
+        t = torch.arange(2, p.T + 1, dtype=F64)
+        errs.append(max_rel_error(torch.as_tensor(sym.c_t(p, t), dtype=F64), c_t(p, t)))
+        radius = sym.derive_kl_radius()
+        abar = p.abar(t)
+        got = torch.as_tensor(radius.func(0.05, abar.numpy()), dtype=F64)
+        errs.append(max_rel_error(got, _kl_ball_radius(0.05, (1 - abar).sqrt())))
+    verified = sym.derive_dro_at_constant().verified and sym.derive_kl_radius().verified
+    return {"symbolic_rel_error": max(errs), "symbolic_derivations_verified": bool(verified)}
 
 
 @claim("C4")
@@ -361,11 +354,9 @@ def claim_c4(*, quick: bool, seed: int, out: Path | None) -> Verdict:
         "radius_kl_max_rel_error": radius_err,
         "identity_rel_error_by_case": {k: _round(v[0], 3) for k, v in errors.items()},
         "tolerance": tol,
-        **({"symbolic_check": "skipped in quick mode (sympy derivation ~1.5 s)"} if quick else symbolic_c4_check()),
+        **({"symbolic_check": f"{SKIPPED_IN_QUICK} (sympy derivation ~1.5 s)"} if quick else symbolic_c4_check()),
     }
-    sym_err = quantities.get("symbolic_rel_error", 0.0)
-    if quantities.get("symbolic_derivations_verified") is False:
-        sym_err = math.inf
+    sym_err = symbolic_error(quantities, ("symbolic_rel_error",), "symbolic_derivations_verified")
     worst = max(identity_err, radius_err, sym_err)
     return Verdict(
         id="C4", kind="check", relation="=",
@@ -743,30 +734,28 @@ def symbolic_c5_check(process: Process) -> dict[str, Any]:
     ``a``): the largest relative error of the loss, of the minimiser (in units of ``1/sigma - a*``; limited by the
     flatness of the minimum) and the largest relative excess of our minimum value over sympy's (``<= ~1e-12`` when
     our minimiser is as good)."""
+    from theory import symbolic as sym  # sympy loads in ~1 s: only when a full run needs it
 
-    def run(sym) -> dict[str, Any]:
-        deriv = sym.derive_at_linear_gaussian()
-        grid = torch.cartesian_prod(_f64([5.0, 100.0, 500.0, 950.0]), _f64([0.3, 1.5]), _f64([0.05, 0.3]))
-        t, s_data, eta = grid.unbind(1)  # (16,) each
-        alpha, sigma, lam = process.alpha(t), process.sigma(t), s_data**2
-        a_star = bayes_slope(alpha, sigma, lam)
-        # the loss on 7 slopes per case, from below a* to beyond 1/sigma
-        a = a_star[:, None] - 1.0 + torch.linspace(0, 1, 7, dtype=F64) * (1 / sigma - a_star + 2.0)[:, None]
-        args = [v[:, None].numpy() for v in (alpha**2, sigma, s_data, eta)]
-        ref = torch.as_tensor(deriv.func(a.numpy(), *args), dtype=F64)
-        col = [v[:, None] for v in (alpha, sigma, lam, eta)]
-        loss_err = max_rel_error(l_at_1d(a, *col), ref)
-        mine = at_minimiser_1d(alpha, sigma, lam, eta)
-        a_sym = torch.as_tensor([sym.at_linear_gaussian_minimiser(float(ab), float(sg), float(sd), float(e))[0]
-                                 for ab, sg, sd, e in zip(alpha**2, sigma, s_data, eta, strict=True)], dtype=F64)
-        arg_err = float(((mine - a_sym).abs() / (1 / sigma - a_star)).max())
-        l_sym = torch.as_tensor(deriv.func(a_sym.numpy(), *(v.numpy() for v in (alpha**2, sigma, s_data, eta))),
-                                dtype=F64)
-        min_err = float(((l_at_1d(mine, alpha, sigma, lam, eta) - l_sym) / l_sym).max())
-        return {"symbolic_loss_rel_error": loss_err, "symbolic_minimiser_error": arg_err,
-                "symbolic_min_value_excess": min_err, "symbolic_derivation_verified": bool(deriv.verified)}
-
-    return _guarded(run, "symbolic_check")
+    deriv = sym.derive_at_linear_gaussian()
+    grid = torch.cartesian_prod(_f64([5.0, 100.0, 500.0, 950.0]), _f64([0.3, 1.5]), _f64([0.05, 0.3]))
+    t, s_data, eta = grid.unbind(1)  # (16,) each
+    alpha, sigma, lam = process.alpha(t), process.sigma(t), s_data**2
+    a_star = bayes_slope(alpha, sigma, lam)
+    # the loss on 7 slopes per case, from below a* to beyond 1/sigma
+    a = a_star[:, None] - 1.0 + torch.linspace(0, 1, 7, dtype=F64) * (1 / sigma - a_star + 2.0)[:, None]
+    args = [v[:, None].numpy() for v in (alpha**2, sigma, s_data, eta)]
+    ref = torch.as_tensor(deriv.func(a.numpy(), *args), dtype=F64)
+    col = [v[:, None] for v in (alpha, sigma, lam, eta)]
+    loss_err = max_rel_error(l_at_1d(a, *col), ref)
+    mine = at_minimiser_1d(alpha, sigma, lam, eta)
+    a_sym = torch.as_tensor([sym.at_linear_gaussian_minimiser(float(ab), float(sg), float(sd), float(e))[0]
+                             for ab, sg, sd, e in zip(alpha**2, sigma, s_data, eta, strict=True)], dtype=F64)
+    arg_err = float(((mine - a_sym).abs() / (1 / sigma - a_star)).max())
+    l_sym = torch.as_tensor(deriv.func(a_sym.numpy(), *(v.numpy() for v in (alpha**2, sigma, s_data, eta))),
+                            dtype=F64)
+    min_err = float(((l_at_1d(mine, alpha, sigma, lam, eta) - l_sym) / l_sym).max())
+    return {"symbolic_loss_rel_error": loss_err, "symbolic_minimiser_error": arg_err,
+            "symbolic_min_value_excess": min_err, "symbolic_derivation_verified": bool(deriv.verified)}
 
 
 def linear_chain_crosscheck(settings: tuple[C5Setting, ...], process: Process, nfe: int, eta: float,
@@ -774,25 +763,18 @@ def linear_chain_crosscheck(settings: tuple[C5Setting, ...], process: Process, n
     """:func:`linear_chain_marginal` (diagonal, batched) against :mod:`theory.linear`'s general affine chains
     (``ddim_chain_marginals`` / ``ddpm_chain_marginals``) for the KL-ball AT slopes: the largest absolute
     difference of the final mean and covariance."""
-    try:
-        from theory.linear import AffineEpsModel, ddim_chain_marginals, ddpm_chain_marginals
-    except Exception as err:  # written concurrently
-        return {"theory_linear_check": f"theory.linear not available ({type(err).__name__}: {err})"}
     grid = uniform_grid(process, nfe)
     worst = 0.0
-    try:
-        for setting in settings:
-            slopes = at_slopes(setting, process, grid[:-1], "kl", eta)
-            table = {float(t): a for t, a in zip(grid[:-1], slopes, strict=True)}
-            zero = torch.zeros(setting.dim, dtype=F64)
-            model = AffineEpsModel(lambda t, table=table, zero=zero: (torch.diag(table[float(t)]), zero))
-            for sampler in samplers:
-                chain = ddim_chain_marginals if sampler == "ddim" else ddpm_chain_marginals
-                m, C = chain(model, process, grid, zero, torch.eye(setting.dim, dtype=F64))[-1]
-                mine_m, mine_v = linear_chain_marginal(slopes[:, None, :], grid, process, sampler)
-                worst = max(worst, float((m - mine_m[0]).abs().max()), float((C - _diag(mine_v[0])).abs().max()))
-    except Exception as err:
-        return {"theory_linear_check": f"cross-check failed to run ({type(err).__name__}: {err})"}
+    for setting in settings:
+        slopes = at_slopes(setting, process, grid[:-1], "kl", eta)
+        table = {float(t): a for t, a in zip(grid[:-1], slopes, strict=True)}
+        zero = torch.zeros(setting.dim, dtype=F64)
+        model = AffineEpsModel(lambda t, table=table, zero=zero: (torch.diag(table[float(t)]), zero))
+        for sampler in samplers:
+            chain = ddim_chain_marginals if sampler == "ddim" else ddpm_chain_marginals
+            m, C = chain(model, process, grid, zero, torch.eye(setting.dim, dtype=F64))[-1]
+            mine_m, mine_v = linear_chain_marginal(slopes[:, None, :], grid, process, sampler)
+            worst = max(worst, float((m - mine_m[0]).abs().max()), float((C - _diag(mine_v[0])).abs().max()))
     return {"theory_linear_max_abs_diff": worst}
 
 
@@ -904,7 +886,7 @@ def claim_c5(*, quick: bool, seed: int, out: Path | None) -> Verdict:
     alpha, sigma = process.alpha(_f64(t_mc)), process.sigma(_f64(t_mc))
     lo, hi = float(bayes_slope(alpha, sigma, _f64(0.25))), float(1 / sigma)
     zs = c5_closed_form_vs_mc(process, t_mc, 0.25, eta_mc, [0.5 * lo, lo, 0.5 * (lo + hi), hi, 1.5 * hi], n_mc, gen)
-    sym = {"symbolic_check": "skipped in quick mode (sympy derivation ~1 s)"} if quick else symbolic_c5_check(process)
+    sym = {"symbolic_check": f"{SKIPPED_IN_QUICK} (sympy derivation ~1 s)"} if quick else symbolic_c5_check(process)
     # part (b)
     table, slope_ratios = c5_sampling_table(settings, process, nfes, etas)
     chain_check = linear_chain_crosscheck(settings[::2] if quick else settings, process, 5 if quick else 10, 0.1)
@@ -913,9 +895,9 @@ def claim_c5(*, quick: bool, seed: int, out: Path | None) -> Verdict:
     ddim_1d = {k.split("/")[-1]: [_round(v, 4) for v in row["w2"]] for k, row in table.items()
                if k.startswith("1d/ddim/")}
     part_a_ok = bracket > 0 and between > -1e-6 and max(abs(z) for z in zs) < 6 \
-        and sym.get("symbolic_loss_rel_error", 0.0) < 1e-10 and sym.get("symbolic_min_value_excess", 0.0) < 1e-10 \
-        and sym.get("symbolic_derivation_verified", True)
-    chain_ok = chain_check.get("theory_linear_max_abs_diff", 0.0) < 1e-10
+        and symbolic_error(sym, ("symbolic_loss_rel_error", "symbolic_min_value_excess"),
+                           "symbolic_derivation_verified") < 1e-10
+    chain_ok = chain_check["theory_linear_max_abs_diff"] < 1e-10
     quantities: dict[str, Any] = {
         "fraction_at_lowers_w2": frac,
         "fraction_at_lowers_kl": summary["fraction_at_lowers_kl"],
@@ -1073,23 +1055,21 @@ def c6_factor_table(alpha: Tensor, sigma: Tensor, lam: Tensor, gamma: Tensor) ->
 def symbolic_c6_check(process: Process) -> dict[str, Any]:
     """The 1-D slopes :func:`equivariant_random_slope` and :func:`ip_slope` against :mod:`theory.symbolic`'s
     regression derivations (largest relative error over ``t``, ``s``, ``c``, ``gamma``)."""
+    from theory import symbolic as sym  # sympy loads in ~1 s: only when a full run needs it
 
-    def run(sym) -> dict[str, Any]:
-        eq, ip = sym.derive_random_delta_equivariant(), sym.derive_ip_scaling()
-        err = 0.0
-        for t in (10.0, 300.0, 900.0):
-            tt = _f64(t)
-            alpha, sigma = process.alpha(tt), process.sigma(tt)
-            abar, sg = float(alpha**2), float(sigma)
-            for s_data in (0.1, 1.0, 5.0):
-                for g in (0.1, 0.7):
-                    mine_eq = equivariant_random_slope(alpha, sigma, _f64(s_data**2), _f64(g) * sigma)
-                    mine_ip = ip_slope(alpha, sigma, _f64(s_data**2), _f64(g))
-                    err = max(err, abs(float(mine_eq) / float(eq.func(abar, sg, s_data, g * sg)) - 1),
-                              abs(float(mine_ip) / float(ip.func(abar, sg, s_data, g)) - 1))
-        return {"symbolic_rel_error": err, "symbolic_derivations_verified": bool(eq.verified and ip.verified)}
-
-    return _guarded(run, "symbolic_check")
+    eq, ip = sym.derive_random_delta_equivariant(), sym.derive_ip_scaling()
+    err = 0.0
+    for t in (10.0, 300.0, 900.0):
+        tt = _f64(t)
+        alpha, sigma = process.alpha(tt), process.sigma(tt)
+        abar, sg = float(alpha**2), float(sigma)
+        for s_data in (0.1, 1.0, 5.0):
+            for g in (0.1, 0.7):
+                mine_eq = equivariant_random_slope(alpha, sigma, _f64(s_data**2), _f64(g) * sigma)
+                mine_ip = ip_slope(alpha, sigma, _f64(s_data**2), _f64(g))
+                err = max(err, abs(float(mine_eq) / float(eq.func(abar, sg, s_data, g * sg)) - 1),
+                          abs(float(mine_ip) / float(ip.func(abar, sg, s_data, g)) - 1))
+    return {"symbolic_rel_error": err, "symbolic_derivations_verified": bool(eq.verified and ip.verified)}
 
 
 def _c6_data(d: int, gen: torch.Generator) -> Gaussian:
@@ -1160,8 +1140,8 @@ def claim_c6(*, quick: bool, seed: int, out: Path | None) -> Verdict:
             "mc_max_z_method_factor_on_clean": _round(z_clean[-1], 3),
         }
     z_max = max(z_exact)
-    sym = {"symbolic_check": "skipped in quick mode (sympy derivations ~1 s)"} if quick else symbolic_c6_check(process)
-    sym_ok = sym.get("symbolic_rel_error", 0.0) < 1e-10 and sym.get("symbolic_derivations_verified", True)
+    sym = {"symbolic_check": f"{SKIPPED_IN_QUICK} (sympy derivations ~1 s)"} if quick else symbolic_c6_check(process)
+    sym_ok = symbolic_error(sym, ("symbolic_rel_error",), "symbolic_derivations_verified") < 1e-10
     holds = z_max < 6 and direction_ok and sym_ok
     quantities = {
         "mc_vs_exact_max_z": z_max,

@@ -9,6 +9,7 @@ samplers; an int builds that sampler's default grid. :func:`sampler_help` lists 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
@@ -105,9 +106,9 @@ def sampler_help() -> str:
 def default_grid(name: str, process: Process, steps: int, **grid_opts) -> Tensor:
     """The default grid of sampler ``name`` with ``steps`` steps (``grid_opts`` go to its grid builder)."""
     _check_name(name)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
-    return REGISTRY[name].grid(process, steps, **grid_opts)
+    return REGISTRY[name].grid(process, int(steps), **grid_opts)
 
 
 def _check_name(name: str) -> None:
@@ -124,7 +125,7 @@ def sample(name: str, model: Callable, x_T: Tensor, process: Process, steps_or_g
     ``opts`` go to the sampler. Returns ``SampleResult(x, nfe)``.
     """
     _check_name(name)
-    if isinstance(steps_or_grid, int) or isinstance(steps_or_grid, bool):
+    if isinstance(steps_or_grid, numbers.Integral):  # int, bool (rejected there), numpy integers
         grid = default_grid(name, process, steps_or_grid, **(grid_opts or {}))
     else:
         if grid_opts:
