@@ -1,12 +1,13 @@
 """Check the paper's claims on problems where the truth is known.
 
-    python -m toy.verify_bounds [--only C4,C5] [--quick] [--seed N] [--out DIR]
+    python -m toy.verify_bounds [--only C4,C5] [--quick] [--seed N] [--out DIR] [--figures | --no-figures]
 
 Runs the claims C1-C11 of method.md section 7 (Gaussian and Gaussian-mixture data, where marginals, posteriors
 and Bayes denoisers are exact), prints a table (claim, kind, verdict, key numbers) and writes ``report.md``,
-``report.json`` and PNG figures to ``--out``. *Checks* are identities and bounds that must hold mathematically;
-*measurements* report what adversarial training does, whichever way it goes. The exit code is 1 only when a
-check fails (a bug, or a wrong statement); a measurement that contradicts the paper is a finding, not an error.
+``report.json`` and PNG figures to ``--out`` (``--quick`` skips the figures unless ``--figures`` is given).
+*Checks* are identities and bounds that must hold mathematically; *measurements* report what adversarial
+training does, whichever way it goes. The exit code is 1 only when a check fails (a bug, or a wrong statement);
+a measurement that contradicts the paper is a finding, not an error.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def plot_estimator_errors(errors: dict[str, dict[str, list[float]]], path: Path)
     return path
 
 
-def format_estimators(errors: dict[str, dict[str, list[float]]]) -> list[str]:
+def format_estimators(errors: dict[str, dict[str, list[float]]], with_figure: bool = True) -> list[str]:
     """The estimator-accuracy table of report.md."""
     n = errors["n"]["n"]
     lines = ["", "## Estimators: relative error against n", "",
@@ -107,7 +108,7 @@ def format_estimators(errors: dict[str, dict[str, list[float]]]) -> list[str]:
     for name in ("w2_exact", "w2_exact_floor", "w2_sliced", "kl_knn", "kl_monte_carlo"):
         cells = [f"{m:+.3f} ({sd:.3f})" for m, sd in zip(errors[name]["mean"], errors[name]["sd"], strict=True)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines + ["", "![estimators](estimators_vs_n.png)"]
+    return lines + (["", "![estimators](estimators_vs_n.png)"] if with_figure else [])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,7 +120,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("verify_bounds_out"),
                    help="folder for report.md, report.json and figures (default: verify_bounds_out/)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=None,
+                   help="write the PNG figures (default: yes, except with --quick, where drawing them would take "
+                        "about a third of the run)")
     args = p.parse_args(argv)
+    if args.figures is None:
+        args.figures = not args.quick
     try:
         args.ids = select_claims(args.only)
     except ValueError as err:
@@ -135,13 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(args.ids, desc="claims", disable=args.quiet)  # the estimator figure follows (~1-5 s)
     for cid in bar:
         bar.set_postfix_str(cid)
-        verdicts += run_claims([cid], quick=args.quick, seed=args.seed, out=args.out)
+        verdicts += run_claims([cid], quick=args.quick, seed=args.seed, out=args.out if args.figures else None)
     bar.close()
     errors = None
     if args.only is None:  # the estimator figure belongs to a whole run, not to a selection of claims
         ns, seeds = ESTIMATOR_NS["quick" if args.quick else "full"]
         errors = reference_pair_errors(ns, seeds)
-        plot_estimator_errors(errors, args.out / "estimators_vs_n.png")
+        if args.figures:
+            plot_estimator_errors(errors, args.out / "estimators_vs_n.png")
     seconds = time.perf_counter() - start
     report = {"command": " ".join(["python -m toy.verify_bounds", *(argv if argv is not None else sys.argv[1:])]),
               "quick": args.quick, "seed": args.seed, "seconds": seconds,
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     markdown = format_markdown(verdicts, args, seconds)
     if errors is not None:
-        markdown += "\n".join(format_estimators(errors)) + "\n"
+        markdown += "\n".join(format_estimators(errors, with_figure=args.figures)) + "\n"
     (args.out / "report.md").write_text(markdown)
     print(format_table(verdicts))
     failed = [v.id for v in verdicts if v.kind == "check" and not v.holds]
