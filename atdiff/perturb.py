@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -178,10 +178,11 @@ class Perturber:
         if self.kind == "none":
             self._check_unused(("radius",))
             # no delta: a norm, budget or target mode other than the default would be silently ignored
-            for name, default in (("norm", "l2"), ("budget", "absolute"), ("target_mode", "invariant")):
-                if getattr(self, name) != default:
+            defaults = {f.name: f.default for f in fields(self)}
+            for name in ("norm", "budget", "target_mode"):
+                if getattr(self, name) != defaults[name]:
                     raise ValueError(f"{name}: not used by kind='none' (no perturbation); leave it at "
-                                     f"{default!r}, got {getattr(self, name)!r}")
+                                     f"{defaults[name]!r}, got {getattr(self, name)!r}")
             return
         if self.radius is None:
             raise ValueError(f"radius: required for kind={self.kind!r}")

@@ -18,14 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
-TARGETS = {"quick": 10.0, "quick+figures": None, "full": 60.0}
-MODE_ARGS = {"quick": ["--quick"], "quick+figures": ["--quick", "--figures"], "full": []}
+#: mode -> (command-line arguments, target seconds or None)
+MODES = {"quick": (["--quick"], 10.0), "quick+figures": (["--quick", "--figures"], None), "full": ([], 60.0)}
 
 
 def time_mode(mode: str) -> dict:
-    """Run ``python -m toy.verify_bounds`` in ``mode`` (a key of :data:`MODE_ARGS`) in a fresh subprocess."""
+    """Run ``python -m toy.verify_bounds`` in ``mode`` (a key of :data:`MODES`) in a fresh subprocess."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "toy.verify_bounds", "--out", out, "--quiet", *MODE_ARGS[mode]]
+        cmd = [sys.executable, "-m", "toy.verify_bounds", "--out", out, "--quiet", *MODES[mode][0]]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - start
@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", type=Path, default=None, help="write the timings as JSON here")
     p.add_argument("--skip-full", action="store_true", help="time only the --quick modes")
     args = p.parse_args(argv)
-    modes = ["quick", "quick+figures"] + ([] if args.skip_full else ["full"])
+    modes = [m for m in MODES if not (args.skip_full and m == "full")]
     result = {mode: time_mode(mode) for mode in modes}
     for mode, r in result.items():
-        target = TARGETS[mode]
+        target = MODES[mode][1]
         verdict = "no target" if target is None else \
             f"{'within' if r['wall_seconds'] <= target else 'OVER'} the {target:.0f} s target"
         print(f"{mode:<13} {r['wall_seconds']:6.1f} s  ({verdict}; exit {r['exit_code']})")

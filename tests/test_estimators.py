@@ -187,14 +187,15 @@ def test_w2_sliced_documented_bands_in_16_dimensions(n, floor_band, est_band):
     # N(0, I) against N(2 e_1, 1.5^2 I) in d = 16: every projection of the second law is N(2 theta_1, 1.5^2),
     # so SW2^2 = E[(2 theta_1)^2] + (1.5 - 1)^2 = 4 / d + 0.25 (inline closed form)
     d = 16
-    true = math.sqrt(4 / d + 0.25)
+    true = math.sqrt(4 / d + 0.25)  # 0.7071
     rng = np.random.default_rng(3)
     x, y = rng.standard_normal((n, d)), rng.standard_normal((n, d))
     z = 1.5 * rng.standard_normal((n, d))
     z[:, 0] += 2.0
     assert floor_band[0] <= w2_sliced(x, y, seed=3) <= floor_band[1]
     est = w2_sliced(x, z, seed=3)
-    assert est_band[0] <= est <= est_band[1] and est_band[0] < true < est_band[1]
+    assert est_band[0] <= est <= est_band[1]
+    assert abs(est - true) <= 4 * (0.015 if n == 1000 else 0.011)  # 4 sd of the documented spread
 
 
 def test_w2_sliced_fast_path_equals_pot_and_is_not_w2():
@@ -233,9 +234,6 @@ def test_sinkhorn_tracks_exact_w2_at_several_n(n):
     x, y, z = _draw(1, n)
     assert abs(sinkhorn_divergence(x, z, 0.05) - w2_exact(x, z)) <= 0.003
     assert abs(sinkhorn_divergence(x, y, 0.05) - w2_exact(x, y)) <= 0.02
-    # and through the exact estimator, the estimate sits near the closed-form W2 of the laws (upward bias
-    # of the empirical W2, documented for w2_exact)
-    assert abs(sinkhorn_divergence(x, z, 0.05) - W2_TRUE) < 0.15
 
 
 def test_sinkhorn_small_reg_raises_instead_of_a_wrong_value():

@@ -32,14 +32,20 @@ def test_bayes_loss_equals_the_posterior_variance_of_eps(process):
     assert abs(loss.mean().item() - want) < 5 * loss.std().item() / math.sqrt(n)
 
 
+def _random_model_and_batch(p, batch, seed):
+    """A 3-D eps-model MLP with a random (non-zero) output layer, a batch ``x0``, ``eps``, training times ``t``,
+    and the generator they came from."""
+    model = DiffusionModel(MLP(3, hidden=16, depth=2), p)
+    torch.nn.init.normal_(model.net.out.weight)
+    gen = torch.Generator().manual_seed(seed)
+    x0, eps = torch.randn(batch, 3, generator=gen), torch.randn(batch, 3, generator=gen)
+    return model, x0, eps, sample_times(p, batch, generator=gen), gen
+
+
 def test_target_kinds_are_rescalings_of_each_other():
     # for a fixed eps-model, the x0-loss is (sigma/alpha)^2 times the eps-loss, sample by sample
     p = VPDiscrete("linear")
-    model = DiffusionModel(MLP(3, hidden=16, depth=2), p)
-    torch.nn.init.normal_(model.net.out.weight)
-    gen = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(8, 3, generator=gen), torch.randn(8, 3, generator=gen)
-    t = sample_times(p, 8, generator=gen)
+    model, x0, eps, t, _ = _random_model_and_batch(p, 8, seed=0)
     l_eps = denoising_loss(model, x0, t, eps, p, target="eps")
     l_x0 = denoising_loss(model, x0, t, eps, p, target="x0")
     ratio = (p.sigma(t) / p.alpha(t)) ** 2
@@ -164,11 +170,7 @@ def test_weighting_is_applied_per_sample():
     # independent derivation: the x0-loss is the eps-loss divided by snr(t), sample by sample, so the
     # eps-target with weighting 1/snr(t) must equal the x0-target loss
     p = VPDiscrete("cosine")
-    model = DiffusionModel(MLP(3, hidden=16, depth=2), p)
-    torch.nn.init.normal_(model.net.out.weight)
-    gen = torch.Generator().manual_seed(2)
-    x0, eps = torch.randn(16, 3, generator=gen), torch.randn(16, 3, generator=gen)
-    t = sample_times(p, 16, generator=gen)
+    model, x0, eps, t, gen = _random_model_and_batch(p, 16, seed=2)
     weighted = DenoisingLoss(p, weighting=lambda tt: 1 / p.snr(tt))(model, x0, t=t, eps=eps)
     torch.testing.assert_close(weighted, DenoisingLoss(p, target="x0")(model, x0, t=t, eps=eps),
                                rtol=1e-4, atol=1e-7)

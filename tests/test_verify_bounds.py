@@ -48,11 +48,26 @@ def test_figures_flag_draws_and_links_the_figures(tmp_path):
             assert (tmp_path / name).stat().st_size > 1000 and f"]({name})" in md, fig
 
 
-def test_estimator_figure(quick_report, tmp_path):
+def test_estimator_figure_plots_the_reported_numbers(quick_report, tmp_path, monkeypatch):
+    # every estimator of report.json appears in the figure with exactly its n, mean and sd
+    from matplotlib.axes import Axes
+
     from toy.verify_bounds import plot_estimator_errors
 
-    path = plot_estimator_errors(quick_report[2]["estimators"], tmp_path / "est.png")
+    drawn, original = {}, Axes.errorbar
+
+    def spy(self, x, y, *args, yerr=None, label=None, **kwargs):
+        drawn[label] = (list(x), list(y), list(yerr))
+        return original(self, x, y, *args, yerr=yerr, label=label, **kwargs)
+
+    monkeypatch.setattr(Axes, "errorbar", spy)
+    errors = quick_report[2]["estimators"]
+    path = plot_estimator_errors(errors, tmp_path / "est.png")
     assert path.stat().st_size > 1000
+    names = {"w2_exact", "w2_exact_floor", "w2_sliced", "kl_knn", "kl_monte_carlo"}
+    assert set(drawn) == names
+    for name in names:
+        assert drawn[name] == (errors["n"]["n"], errors[name]["mean"], errors[name]["sd"]), name
 
 
 def test_quick_report_carries_the_estimator_accuracy(quick_report):

@@ -97,7 +97,7 @@ def plot_estimator_errors(errors: dict[str, dict[str, list[float]]], path: Path)
     return path
 
 
-def format_estimators(errors: dict[str, dict[str, list[float]]], with_figure: bool = True) -> list[str]:
+def format_estimators(errors: dict[str, dict[str, list[float]]]) -> list[str]:
     """The estimator-accuracy table of report.md."""
     n = errors["n"]["n"]
     lines = ["", "## Estimators: relative error against n", "",
@@ -108,7 +108,7 @@ def format_estimators(errors: dict[str, dict[str, list[float]]], with_figure: bo
     for name in ("w2_exact", "w2_exact_floor", "w2_sliced", "kl_knn", "kl_monte_carlo"):
         cells = [f"{m:+.3f} ({sd:.3f})" for m, sd in zip(errors[name]["mean"], errors[name]["sd"], strict=True)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines + (["", "![estimators](estimators_vs_n.png)"] if with_figure else [])
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     markdown = format_markdown(verdicts, args, seconds)
     if errors is not None:
-        markdown += "\n".join(format_estimators(errors, with_figure=args.figures)) + "\n"
+        figure = ["", "![estimators](estimators_vs_n.png)"] if args.figures else []
+        markdown += "\n".join(format_estimators(errors) + figure) + "\n"
     (args.out / "report.md").write_text(markdown)
     print(format_table(verdicts))
     failed = [v.id for v in verdicts if v.kind == "check" and not v.holds]
