@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .validate import check_finite
+
 __all__ = [
     "Process",
     "VPDiscrete",
@@ -42,15 +44,6 @@ def expand_like(coef: Tensor, x: Tensor) -> Tensor:
         raise ValueError(f"t: expected shape () or ({x.shape[0]},) to match x of shape {tuple(x.shape)}, "
                          f"got {tuple(coef.shape)}")
     return coef.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-
-
-def check_finite(x: Tensor, name: str) -> Tensor:
-    """Raise ``ValueError`` naming ``name`` if ``x`` holds NaN or infinity (a host sync: use at API entry)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name}: contains NaN or infinite values")
-    return x
 
 
 def _as_time(t: Tensor | float, like: Tensor | None = None) -> Tensor:

@@ -3,11 +3,12 @@ import math
 import pytest
 import torch
 
+from atdiff.checkpoint import load_checkpoint, save_checkpoint, seed_everything
 from atdiff.losses import DenoisingLoss, denoising_loss, sample_times
 from atdiff.networks.mlp import MLP
 from atdiff.param import DiffusionModel
 from atdiff.processes import VE, VPContinuous, VPDiscrete
-from atdiff.train import EMA, load_checkpoint, save_checkpoint, seed_everything, train_step
+from atdiff.train import EMA, train_step
 
 
 def bayes_linear_eps(process, s2):

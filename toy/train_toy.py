@@ -20,13 +20,14 @@ import ot
 import torch
 from tqdm.auto import trange
 
+from atdiff.checkpoint import seed_everything
 from atdiff.losses import DenoisingLoss
 from atdiff.metrics import mode_statistics
 from atdiff.networks import MLP
 from atdiff.param import DiffusionModel
 from atdiff.processes import VPDiscrete
 from atdiff.samplers import REGISTRY, sample, sampler_help
-from atdiff.train import EMA, seed_everything, train_step
+from atdiff.train import EMA, train_step
 from theory.gaussian import GaussianMixture, log_prob, oracle_model, sample_data
 from toy.mixtures import MIXTURES, make_mixture, moment_matched_gaussian
 
