@@ -232,7 +232,7 @@ def save_checkpoint(path: str | os.PathLike, *, config: dict[str, Any] | None = 
     path is refused. Both files are written under temporary names, flushed, and renamed sidecar first; the
     sidecar also describes the previous checkpoint, so a crash at any point leaves a loadable, verified pair
     (the previous one or the new one). Temporary files of an interrupted save of the same path are removed.
-    Files get the mode the umask gives. Returns ``path``.
+    Files get the mode the umask gives. One process writes a given path at a time (e.g. rank 0). Returns ``path``.
     """
     path = _check_path(path)
     for name in state:
@@ -358,7 +358,7 @@ def _check_target(name: str, target: Any, kind: str, saved: Any, path: Path) -> 
         return
     if not callable(getattr(target, "load_state_dict", None)):
         raise ValueError(f"{name}: a {type(target).__name__} has no load_state_dict and is not a torch.Generator")
-    if kind != "state_dict" or not isinstance(saved, Mapping):
+    if kind == "generator" or not isinstance(saved, Mapping):  # a dict saved as a value is fine (a state_dict)
         raise ValueError(f"{name}: {path} holds a {kind} entry under this name, not a state_dict")
     if isinstance(target, nn.Module):
         _check_module(name, target, saved, path)

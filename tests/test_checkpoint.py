@@ -115,6 +115,10 @@ def test_generator_state_round_trips_and_resume_with_a_generator_is_exact(tmp_pa
         load_checkpoint(tmp_path / "c.pt", step=torch.Generator())
     with pytest.raises(ValueError, match="^generator: .*not a state_dict"):
         load_checkpoint(tmp_path / "c.pt", generator=_net())
+    save_checkpoint(tmp_path / "d.pt", weights=net.state_dict())  # a state_dict saved as a plain value
+    net3 = _net(seed=8)
+    load_checkpoint(tmp_path / "d.pt", weights=net3)
+    assert _same(_params(net), _params(net3))
 
 
 def test_files_get_the_umask_mode(tmp_path):
