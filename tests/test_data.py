@@ -49,6 +49,9 @@ def test_cifar10_reader_keeps_pixels_channels_and_labels(tmp_path, protocol):
     raw, labels = read_cifar10(tmp_path, train=False)
     assert raw.dtype == np.uint8 and np.array_equal(raw, images) and labels.tolist() == [5, 6, 7, 8]
     assert to_unit_range(np.array([0, 255], dtype=np.uint8)).tolist() == [-1.0, 1.0]
+    levels = np.arange(256, dtype=np.uint8)  # NumPy and torch conversions agree bit for bit, k -> 2k/255 - 1
+    assert torch.equal(to_unit_range(levels), to_unit_range(torch.from_numpy(levels)))
+    torch.testing.assert_close(to_unit_range(levels).double(), torch.arange(256.0, dtype=torch.float64) / 127.5 - 1)
 
 
 def test_cifar10_errors(tmp_path):

@@ -39,9 +39,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".ti
 def to_unit_range(images: np.ndarray | Tensor, max_value: float = 255.0) -> Tensor:
     """Map integer pixel values in ``[0, max_value]`` to float32 in ``[-1, 1]`` (a new tensor of the same shape).
 
-    Meant per minibatch: a tensor input keeps its device."""
-    x = images if isinstance(images, Tensor) else torch.from_numpy(np.ascontiguousarray(images))
-    return x.to(torch.float32).mul_(2.0 / max_value).sub_(1.0)
+    Meant per minibatch: a tensor input keeps its device; an array is converted by NumPy (several times faster
+    than torch's uint8 -> float on a CPU)."""
+    scale = np.float32(2.0 / max_value)
+    if isinstance(images, Tensor):
+        return images.to(torch.float32).mul_(float(scale)).sub_(1.0)
+    out = np.asarray(images).astype(np.float32)
+    out *= scale
+    out -= np.float32(1.0)
+    return torch.from_numpy(out)
 
 
 class ImageShards:
