@@ -54,6 +54,17 @@ def test_cifar10_reader_keeps_pixels_channels_and_labels(tmp_path, protocol):
     torch.testing.assert_close(to_unit_range(levels).double(), torch.arange(256.0, dtype=torch.float64) / 127.5 - 1)
 
 
+def test_cifar10_batch_pickled_by_numpy_1_loads(tmp_path):
+    # the published batches name numpy.core.multiarray._reconstruct (NumPy 1); NumPy 2 writes numpy._core
+    images = _write_cifar(tmp_path, protocol=2)
+    for name in BATCHES:
+        data = (tmp_path / name).read_bytes()
+        assert b"numpy._core.multiarray" in data
+        (tmp_path / name).write_bytes(data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    raw, _ = read_cifar10(tmp_path, train=False)
+    assert np.array_equal(raw, images)
+
+
 def test_cifar10_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="^root[:,]"):
         load_cifar10(tmp_path)
