@@ -51,7 +51,8 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """The global RNG states (Python, NumPy, torch CPU and CUDA), as tensors and plain types."""
+    """The global RNG states (Python, NumPy, torch CPU and CUDA) as tensors, lists and numbers only, so that
+    they can be stored in a checkpoint as they are (e.g. every rank's state, gathered on rank 0)."""
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -59,11 +60,11 @@ def rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    return _encode_rng(state)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned (or its encoded form stored in a checkpoint)."""
+    """Restore what :func:`rng_state` returned (also after a round trip through a checkpoint)."""
     random.setstate(_to_tuple(state["python"]))
     np_state = state["numpy"]
     np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
@@ -82,6 +83,8 @@ def _encode_rng(state: dict[str, Any]) -> dict[str, Any]:
     enc["numpy"] = [str(state["numpy"][0]), torch.from_numpy(state["numpy"][1].astype(np.int64)),
                     *[int(v) if isinstance(v, int | np.integer) else float(v) for v in state["numpy"][2:]]]
     enc["python"] = [state["python"][0], list(state["python"][1]), state["python"][2]]
+    if "cuda" in state:
+        enc["cuda"] = list(state["cuda"])
     return enc
 
 
@@ -245,7 +248,7 @@ def save_checkpoint(path: str | os.PathLike, *, config: dict[str, Any] | None = 
         config_text = json.dumps(config, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise ValueError(f"config: is not JSON-serialisable ({err})") from err
-    payload["rng"] = _encode_rng(rng_state())
+    payload["rng"] = rng_state()
     payload[_META] = {"format": FORMAT, "version": VERSION, "kinds": kinds}
 
     path.parent.mkdir(parents=True, exist_ok=True)

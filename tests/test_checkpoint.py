@@ -328,3 +328,17 @@ def test_full_round_trip_restores_every_kind_of_entry(tmp_path):
     assert opt2.state_dict()["state"][0]["step"] == 2
     assert payload["history"] == [1.5, None, "x"] and payload["t"].tolist() == [0, 1, 2]
     assert payload["config"] == {"a": [1, 2]}
+
+
+def test_rng_states_of_several_ranks_can_be_stored(tmp_path):
+    import random
+
+    seed_everything(1)
+    states = [ck.rng_state()]
+    expected = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    seed_everything(2)
+    states.append(ck.rng_state())
+    save_checkpoint(tmp_path / "c.pt", rank_rng=states)
+    payload = load_checkpoint(tmp_path / "c.pt", restore_rng=False)
+    ck.set_rng_state(payload["rank_rng"][0])
+    assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == expected
