@@ -260,8 +260,7 @@ def save_checkpoint(path: str | os.PathLike, *, config: dict[str, Any] | None = 
         except ValueError:
             old_meta = None
         digest, size = _file_digest(path)
-        entry, _ = _entry_of(old_meta, digest, size)
-        previous = entry if entry is not None else None
+        previous, _ = _entry_of(old_meta, digest, size)  # None if the file on disk is not verified
     token = secrets.token_hex(8)
     tmp_ckpt = path.with_name(f".{path.name}.tmp-{token}")
     tmp_side = path.with_name(f".{path.name}.json.tmp-{token}")
