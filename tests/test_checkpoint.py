@@ -342,3 +342,24 @@ def test_rng_states_of_several_ranks_can_be_stored(tmp_path):
     payload = load_checkpoint(tmp_path / "c.pt", restore_rng=False)
     ck.set_rng_state(payload["rank_rng"][0])
     assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == expected
+
+
+def test_two_interrupted_saves_in_a_row_still_leave_the_first_pair(tmp_path, monkeypatch):
+    ckpt = tmp_path / "c.pt"
+    first, second = _save_two(ckpt)
+    real_replace = os.replace
+
+    def sidecar_only(src, dst):  # every save dies right after its sidecar rename
+        if Path(dst).name == "c.pt":
+            raise OSError("simulated crash")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", sidecar_only)
+    for n in (2, 3):
+        with pytest.raises(OSError):
+            save_checkpoint(ckpt, config={"n": n}, model=second, step=n)
+    monkeypatch.undo()
+    target = _net(seed=9)
+    with pytest.warns(UserWarning, match="interrupted"):
+        assert load_checkpoint(ckpt, model=target)["config"] == {"n": 1}
+    assert _same(_params(target), _params(first))
