@@ -81,7 +81,7 @@ def test_quick_report_carries_the_estimator_accuracy(quick_report):
 
 
 def test_a_failing_check_makes_the_exit_code_one(monkeypatch, tmp_path):
-    claims_mod._load()
+    claims_mod.load_all()
 
     def broken(*, quick, seed, out):
         return Verdict("C4", "a deliberately broken identity", "check", "=", {"error": 1.0}, False, -1.0)
@@ -93,7 +93,7 @@ def test_a_failing_check_makes_the_exit_code_one(monkeypatch, tmp_path):
 
 
 def test_a_contrary_measurement_does_not_fail_the_run(monkeypatch, tmp_path):
-    claims_mod._load()
+    claims_mod.load_all()
 
     def contrary(*, quick, seed, out):
         return Verdict("C5", "AT lowers W2", "measurement", "<", {"w2": [1.0, 2.0]}, False, -1.0)

@@ -32,7 +32,7 @@ def l_at_1d(a: Tensor, alpha: Tensor, sigma: Tensor, lam: Tensor, eta: Tensor, m
 
     With ``r = a x_t - eps ~ N(a alpha mean, V)``, ``V = a^2 (alpha^2 lam + sigma^2) - 2 a sigma + 1``, the inner
     maximum is ``(|r| + eta |a - 1/sigma|)^2``, so ``L = E r^2 + 2 eta |a - 1/sigma| E|r| + eta^2 (a - 1/sigma)^2``.
-    For ``mean = 0`` this is method.md's C5 formula with ``E|r| = sqrt(2 V / pi)``.
+    For ``mean = 0`` this is the paper's C5 formula with ``E|r| = sqrt(2 V / pi)``.
     """
     m = a - 1 / sigma
     mu = a * alpha * mean

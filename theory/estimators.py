@@ -1,10 +1,10 @@
-"""Sample-based distances between distributions, each with its accuracy measured on this machine.
+"""Sample-based distances between distributions, each with its accuracy measured (the bands below).
 
 Every function takes samples as numpy arrays or torch tensors of shape ``(n, d)`` (converted to float64 numpy)
 and raises ``ValueError`` naming the offending argument for a wrong shape (not 2-D, mismatched ``d``, too few
 rows), NaN/infinite values, a non-positive ``reg`` or ``k < 1``.
 
-Which one to use (see ``method.md`` section 8 and ``machine-notes.md``):
+Which one to use:
 
 * :func:`w2_bures` -- exact W2 between two Gaussians (closed form); use it whenever both laws are Gaussian.
 * :func:`kl_monte_carlo` -- unbiased KL when both log densities are known (toy mixtures): the estimator for
@@ -135,7 +135,7 @@ def w2_exact(x: Any, y: Any, weights: tuple[Any, Any] | None = None) -> float:
     ======  =======================  ==============  =======================================  ===============
 
     The floor shrinks like ``n^{-0.4}`` in 2-D: a measured W2 below it says nothing, and one seed's spread
-    (``sd``) is larger than the bias, so compare methods with common random numbers (``method.md`` section 8; on
+    (``sd``) is larger than the bias, so compare methods with common random numbers (``the paper`` section 8; on
     the toy mixtures the floor is ~0.27 at n = 2000). In higher dimension the bias explodes (64-D, n = 5000: 8.70
     against a true 2.19): use closed forms or :func:`w2_sliced` there.
     """
@@ -376,9 +376,8 @@ def kl_knn(x: Any, y: Any, k: int = 1) -> float:
     10^4    0.986 (0.035), -9.4 %                  0.913 (0.022), -16.2 %
     ======  =====================================  =====================================
 
-    (``machine-notes.md`` found -16 % / -7.5 % at n = 1000 / 10^4 for another pair with KL = 1.04.) Larger ``k``
-    lowers the variance but, on this pair, doubles the bias. Bands asserted by the tests (k = 1): the mean of
-    seeds 0..19 at n = 1000 in [0.83, 0.99] (-24 % .. -9 %) and the mean of seeds 0..4 at n = 10^4 in
+    Larger ``k`` lowers the variance but, on this pair, doubles the bias. Bands asserted by the tests (k = 1): the
+    mean of seeds 0..19 at n = 1000 in [0.83, 0.99] (-24 % .. -9 %) and the mean of seeds 0..4 at n = 10^4 in
     [0.92, 1.05] (-15.5 % .. -3.5 %): biased low at both sizes, less at the larger.
 
     When both log densities are known use :func:`kl_monte_carlo` instead: it is unbiased.

@@ -71,7 +71,7 @@ def format_table(verdicts: list[Verdict]) -> str:
         margin = "nan" if math.isnan(v.margin) else f"{v.margin:.3g}"
         rows.append(f"{v.id:<6}{v.kind:<13}{verdict_word(v):<18}{margin:>9}  {_short(keys, 84)}")
         if v.as_stated is False:
-            rows.append(f"{'':<6}{'':<13}{'fails as stated':<18}{'':>9}  restated: {_short(v.restatement, 74)}")
+            rows.append(f"{'':<6}{'':<13}{'fails as stated':<18}{'':>9}  {_short(v.restatement, 84)}")
     return "\n".join(rows)
 
 
@@ -86,7 +86,7 @@ def format_markdown(verdicts: list[Verdict], args: argparse.Namespace, seconds: 
         lines += ["", f"## {v.id}: {v.statement}", "", f"*{v.kind}*, {verdict_word(v)}, expected `{v.relation}`, "
                   f"margin {v.margin:.3g}, {v.seconds:.2f} s", ""]
         if v.as_stated is False:
-            lines += ["**Fails as stated; holds restated:** " + v.restatement, ""]
+            lines += ["**Fails as stated, holds restated:** " + v.restatement, ""]
         if v.subchecks:
             lines += ["Sub-checks: " + ", ".join(f"`{k}` {'ok' if ok else 'FAILED'}" for k, ok in v.subchecks.items()),
                       ""]

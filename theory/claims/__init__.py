@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Verdict", "CLAIM_IDS", "CLAIMS", "claim", "run_claims", "select_claims"]
+__all__ = ["Verdict", "CLAIM_IDS", "CLAIMS", "claim", "load_all", "run_claims", "select_claims"]
 
 #: claim ids in order
 CLAIM_IDS = tuple(f"C{i}" for i in range(1, 12))
@@ -93,7 +93,7 @@ def claim(claim_id: str) -> Callable[[ClaimFn], ClaimFn]:
     return register
 
 
-def _load() -> None:
+def load_all() -> None:
     for name in _MODULES:
         importlib.import_module(f"{__name__}.{name}")
 
@@ -113,7 +113,7 @@ def select_claims(only: str | list[str] | None) -> list[str]:
 
 def run_claims(ids: list[str], *, quick: bool = False, seed: int = 0, out: Path | None = None) -> list[Verdict]:
     """Run the claims ``ids`` in order and return their verdicts (each timed; a claim may give several)."""
-    _load()
+    load_all()
     verdicts: list[Verdict] = []
     for cid in ids:
         if cid not in CLAIMS:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from theory.at_linear import (
     minimise_convex,
 )
 from theory.claims import Verdict
+from theory.claims.c5_figures import l_at_figure
 from theory.claims.common import (
     F64,
     f64,
@@ -125,7 +127,8 @@ def symbolic_c5_check(process: Process) -> dict[str, Any]:
 
 
 
-def c5_part_a(*, quick: bool, gen: torch.Generator, loss_fn: Callable[..., Tensor] | None = None) -> Verdict:
+def c5_part_a(*, quick: bool, gen: torch.Generator, out: Path | None = None,
+              loss_fn: Callable[..., Tensor] | None = None) -> Verdict:
     """The C5 check (part a): bracket, numerical minimiser, closed form vs Monte Carlo and (full mode) vs sympy."""
     process = VPDiscrete("linear")
     times = f64([2.0, 5.0, 20.0, 100.0, 250.0, 400.0, 600.0, 800.0, 1000.0])
@@ -151,7 +154,8 @@ def c5_part_a(*, quick: bool, gen: torch.Generator, loss_fn: Callable[..., Tenso
         notes="Bracket: the subgradients L_AT'(a*) < 0 < L_AT'(1/sigma) over t in 2..1000 and eta in 0.01..1 "
               "(margin = the smaller of that subgradient slack and 6 - max |z|); the numerical minimiser's relative "
               "slack; the closed form against the mean of atdiff's one-step attack loss (MC z-scores at t = 100, "
-              "eta = 0.3, five slopes); sympy's derivation in full mode.")
+              "eta = 0.3, five slopes); sympy's derivation in full mode.",
+        figures=l_at_figure(out, process))
 
 
 class _Slope(nn.Module):

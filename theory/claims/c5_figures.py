@@ -1,12 +1,17 @@
-"""Figures of C5: the W2 of each arm over the Bayes model's, per NFE, and the final standard-deviation ratio."""
+"""Figures of C5: the DRO-ideal AT loss L_AT(a) (part a); the W2 of each arm over the Bayes model's, per NFE, and
+the final standard-deviation ratio (part b)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from theory.claims.common import save_figure, subplots
+import torch
 
-__all__ = ["c5_figures"]
+from atdiff.processes import Process
+from theory.at_linear import at_minimiser_1d, bayes_slope, l_at_1d
+from theory.claims.common import F64, f64, save_figure, subplots
+
+__all__ = ["c5_figures", "l_at_figure"]
 
 _STYLE = {"free-at": "C0", "dro": "C3", "ip": "C2", "es": "C1"}
 
@@ -39,3 +44,28 @@ def c5_figures(out: Path | None, table: dict, nfes: tuple[int, ...], settings, r
     fig.suptitle(f"C5: final W2 over the Bayes model's, arms at rho = {rho:g}", fontsize=10)
     fig.subplots_adjust(left=0.06, right=0.99, bottom=0.1, top=0.84, wspace=0.3, hspace=0.55)
     return save_figure(fig, out, "c5_final_w2.png", layout=False, dpi=80)
+
+
+def l_at_figure(out: Path | None, process: Process) -> list[str]:
+    """``c5_l_at_curves.png``: ``L_AT(a)`` of 1-D ``N(0, 0.25)`` at three times and four radii, with minimisers."""
+    if out is None:
+        return []
+    fig, axes = subplots(3, size=(4.0, 3.4))
+    lam = f64(0.25)
+    for ax, t in zip(axes[0], (20.0, 200.0, 600.0), strict=True):
+        tt = f64([t])
+        alpha, sigma = process.alpha(tt), process.sigma(tt)
+        a_star, inv = float(bayes_slope(alpha, sigma, lam)), float(1 / sigma)
+        a = torch.linspace(a_star - 0.6 * (inv - a_star), inv + 0.3 * (inv - a_star), 300, dtype=F64)
+        etas = f64([0.0, 0.03, 0.1, 0.3])
+        for eta in etas:
+            ax.plot(a, l_at_1d(a, alpha, sigma, lam, eta), label=f"eta={float(eta):g}")
+        a_at = at_minimiser_1d(alpha, sigma, lam, etas)
+        ax.plot(a_at, l_at_1d(a_at, alpha, sigma, lam, etas), "k.")
+        ax.axvline(a_star, color="gray", ls=":", label="a* = sigma/v")
+        ax.axvline(inv, color="gray", ls="--", label="1/sigma")
+        ax.set(title=f"t = {t:g} (sigma = {float(sigma):.3f})", xlabel="a", ylabel="L_AT(a)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("C5: DRO-ideal L_AT(a), 1-D N(0, 0.25), eps = a x (dots: minimisers)")
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.15, top=0.83, wspace=0.25)
+    return save_figure(fig, out, "c5_l_at_curves.png", layout=False, dpi=90)

@@ -20,7 +20,6 @@ from theory.claims import Verdict, claim
 from theory.claims.common import (
     F64,
     f64,
-    max_rel_error,
     new_generator,
     round_value,
     save_figure,
@@ -84,7 +83,7 @@ def c6_predicted(data: Gaussian, process: VPDiscrete, t: float, gamma: float, *,
     """Predicted predictor matrices ``U diag(slope) U^T`` ``(d, d)`` for ``clean``, ``eq`` and ``ip``.
 
     ``eq = eq_factor * base``, ``ip = ip_factor * base``, where ``base`` is the ``ref`` slope (Bayes predictor at
-    ``sigma' = sigma sqrt(1 + gamma^2)``) or the ``clean`` slope. The defaults are method.md's factors
+    ``sigma' = sigma sqrt(1 + gamma^2)``) or the ``clean`` slope. The defaults are the paper's factors
     ``sqrt(sigma^2 + c^2)/sigma = sqrt(1 + gamma^2)`` (with ``c = gamma sigma``) and ``1/sqrt(1 + gamma^2)``; with
     ``base="ref"`` they are exact (:func:`equivariant_random_slope`, :func:`ip_slope`). A test or a claim feeds
     other factors or ``base="clean"`` to see that Monte Carlo rejects them.
@@ -184,49 +183,42 @@ def claim_c6(*, quick: bool, seed: int, out: Path | None) -> Verdict:
         z_clean.append(max(max_z(mc[k][0], on_clean[k], mc[k][1]) for k in ("eq", "ip")))
         tt, g = f64(t), f64(gamma)
         f = c6_factor_table(process.alpha(tt), process.sigma(tt), data.evals, g)
-        # the slopes derived in equivariant_random_slope / ip_slope must reproduce method.md's factors on ref
-        factor_err = max_rel_error(f["eq_over_ref"], torch.full_like(f["eq_over_ref"], math.sqrt(1 + gamma**2)))
-        factor_err = max(factor_err, max_rel_error(f["ip_over_ref"], torch.full_like(f["ip_over_ref"],
-                                                                                    1 / math.sqrt(1 + gamma**2))))
-        direction_ok &= bool((f["eq_over_ref"] > 1).all() and (f["ip_over_ref"] < 1).all()
-                             and (f["eq_over_clean"] >= 1).all() and (f["ip_over_clean"] <= 1).all())
-        direction_ok &= factor_err < 1e-12
+        direction_ok &= bool((f["eq_over_clean"] >= 1).all() and (f["ip_over_clean"] <= 1).all())
+        eq_c, ip_c = f["eq_over_clean"], f["ip_over_clean"]
         factors[f"t={t:g},gamma={gamma:g}"] = {
-            "eq_over_ref": round_value(float(f["eq_over_ref"][0]), 8),
-            "ip_over_ref": round_value(float(f["ip_over_ref"][0]), 8),
             "sqrt(1+gamma^2)": round_value(math.sqrt(1 + gamma**2), 8),
-            "eq_over_clean_range": [round_value(float(f["eq_over_clean"].min())), round_value(float(f["eq_over_clean"].max()))],
-            "ip_over_clean_range": [round_value(float(f["ip_over_clean"].min())), round_value(float(f["ip_over_clean"].max()))],
+            "eq_over_clean_range": [round_value(float(eq_c.min())), round_value(float(eq_c.max()))],
+            "ip_over_clean_range": [round_value(float(ip_c.min())), round_value(float(ip_c.max()))],
             "mc_max_z_exact": round_value(z_exact[-1], 3),
-            "mc_max_z_method_factor_on_clean": round_value(z_clean[-1], 3),
+            "mc_max_z_paper_factor_on_clean": round_value(z_clean[-1], 3),
         }
     z_max = max(z_exact)
     sym = {"symbolic_check": "skipped in quick mode (sympy derivations ~1 s)"} if quick else symbolic_c6_check(process)
     sym_ok = quick or symbolic_error(sym, ("symbolic_rel_error",), "symbolic_derivations_verified") < 1e-10
     holds = z_max < 6 and direction_ok and sym_ok
+    as_stated = max(z_clean) < 6
     quantities = {
         "mc_vs_exact_max_z": z_max,
-        "mc_vs_method_factor_on_clean_max_z": max(z_clean),
-        "opposite_directions": direction_ok,
+        "as_stated_mc_max_z": max(z_clean),
+        "opposite_directions_vs_clean": direction_ok,
         **sym,
         "factors": factors,
-        "exact_statement": "E[eps + c xi/sigma | x~] = (sigma'/sigma) eps*_{alpha,sigma'}(x~), "
-                           "sigma' = sqrt(sigma^2+c^2); IP: E[eps | x~] = (sigma/sigma') eps*_{alpha,sigma'}(x~), "
-                           "sigma' = sigma sqrt(1+gamma^2); "
-                           "against the clean Bayes predictor at the same input (Gaussian data, eigenvalue lam): "
-                           "eq = (1+gamma^2) r(lam), ip = r(lam), r = (alpha^2 lam + sigma^2)/(alpha^2 lam + sigma'^2)",
         "n_mc": n,
     }
-    notes = ("Factors are exact for any data law relative to eps*_{alpha,sigma'}, the Bayes eps-predictor of the "
-             "perturbed input's own law (noise sigma', same alpha); with c = gamma sigma both use the same sigma'. "
-             "Read relative to the clean predictor at the same input, method.md's constant factors are wrong: the "
-             "factor depends on the data eigenvalue, eq in [1, 1+gamma^2] (-> 1 where noise dominates, -> 1+gamma^2, "
-             "not sqrt, where data dominates) and ip in [1/(1+gamma^2), 1]; the MC z-score of that reading is "
-             "mc_vs_method_factor_on_clean_max_z. Directions are opposite in both readings. Margin: 6 - max z.")
+    restatement = (f"as stated (constant factors on the clean predictor) the MC rejects it, max z {max(z_clean):.1f}; "
+                   f"restated: relative to eps*_(alpha, sigma'), the Bayes predictor at the perturbed input's own "
+                   f"noise level sigma' = sqrt(sigma^2 + c^2) (c = gamma sigma), the equivariant random delta scales "
+                   f"by exactly sqrt(1+gamma^2) and IP by 1/sqrt(1+gamma^2) (MC max z {z_max:.2f}); relative to the "
+                   "clean predictor the factors depend on the data eigenvalue lam, eq = (1+gamma^2) r(lam) in "
+                   "[1, 1+gamma^2] and ip = r(lam) in [1/(1+gamma^2), 1], r = (alpha^2 lam + sigma^2)/(alpha^2 lam + "
+                   "sigma'^2): still opposite directions.")
+    notes = ("Monte Carlo regression of the optimal affine predictors (atdiff's gaussian perturber with the "
+             "equivariant target; atdiff's input_perturbation) on anisotropic Gaussian data against the exact "
+             "restated factors (mc_vs_exact_max_z) and against the paper's constant factors applied to the clean "
+             "predictor (as_stated_mc_max_z). The check is the restatement; margin: 6 - max z.")
     return Verdict(
         id="C6", kind="check", relation="eq/ref = sqrt(1+gamma^2) > 1 > 1/sqrt(1+gamma^2) = ip/ref",
         statement="Random delta = c xi with the equivariant target scales the optimal eps up by "
                   "sqrt(sigma^2+c^2)/sigma; IP scales it down by 1/sqrt(1+gamma^2) (opposite directions)",
-        quantities=quantities, holds=holds, margin=6 - z_max, notes=notes, figures=_c6_figure(out, process, 0.5))
-
-
+        quantities=quantities, holds=holds, margin=6 - z_max, notes=notes, as_stated=as_stated,
+        restatement="" if as_stated else restatement, figures=_c6_figure(out, process, 0.5))

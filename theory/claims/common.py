@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["F64", "one_thread", "single_thread", "new_generator", "f64", "diag", "round_value", "floats", "max_rel_error",
-           "symbolic_error", "kl_ball_radius64", "subplots", "save_figure"]
+__all__ = ["F64", "one_thread", "single_thread", "new_generator", "f64", "diag", "round_value", "floats",
+           "max_rel_error", "symbolic_error", "kl_ball_radius64", "subplots", "save_figure"]
 
 F64 = torch.float64
 
