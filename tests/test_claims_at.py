@@ -291,8 +291,9 @@ def test_c7_detached_lowers_true_raises_the_full_objective():
 def test_c8_projection_fires_only_when_the_bound_allows(replay, step, radius, d, aligned):
     pert = Perturber("pgd", radius=radius, steps=replay - 1, step_size=step, step_units="absolute",
                      step_rule="l2", init="zero", target_mode="equivariant-detached")
-    fired, total, max_norm = c8.count_projections(pert, torch.zeros(4, d, dtype=F64), replay, 2, gen(d),
-                                                  aligned=aligned)
+    fired, wrong, total, max_norm = c8.count_projections(pert, torch.zeros(4, d, dtype=F64), replay, 2, gen(d),
+                                                         aligned=aligned)
+    assert wrong == 0  # every projected norm is min(||delta||, radius)
     assert max_norm <= c8.free_at_max_norm(replay, step) + 1e-9
     if not c8.projection_can_fire(replay, step, radius * (1 - 1e-9)):
         assert fired == 0

@@ -313,7 +313,8 @@ def claim_c5(*, quick: bool, seed: int, out: Path | None) -> list[Verdict]:
              "reference recipe's per-pixel scale. The DRO arm uses a product of 1-D balls per coordinate in the diag "
              "settings (exactly separable) and an l2 ball in the shared setting. holds = the paper's algorithm "
              "(free-at at the headline rho = 0.2) lowers the final W2 below the Bayes model's in more than half of the "
-             "(setting, sampler, NFE) cells; margin = that fraction - 0.5. Sub-checks: the batched diagonal chain agrees with "
+             "(setting, sampler, NFE) cells; margin = that fraction - 0.5. Sub-checks: the batched diagonal chain "
+             "agrees with "
              "theory.linear's general chains; a short run of atdiff.train.free_at_step reproduces the fixed-point "
              "slope. Why free AT and DRO-ideal AT differ: see C7 (the detached step does not ascend the full "
              "objective) and docs/claims.md.\n\n" + c5_markdown_table(table, nfes, HEADLINE_RHO))

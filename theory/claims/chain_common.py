@@ -83,3 +83,25 @@ def _true_reverse(data: Gaussian, process: Process, grid: Tensor) -> list[Affine
     return [_reverse_at(data, process, float(t), float(s)) for t, s in zip(grid[:-1], grid[1:], strict=True)]
 
 
+
+
+def posterior_total_variance_error(data: Gaussian, process: Process, grid: Tensor) -> float:
+    """The model-side leg of C1 and C3: at every step ``t -> s`` of ``grid``, the covariance of the true reverse
+    transition ``q(x_s | x_t)`` (joint-Gaussian conditioning, :func:`theory.linear.gaussian_reverse_step`) must equal
+    the library's posterior variance plus the squared ``x0`` coefficient of its posterior mean times
+    ``Cov(x0 | x_t)`` (the law of total variance). A wrong ``process.posterior`` breaks it although the bounds
+    themselves hold for any model. Returns the largest error relative to the largest entry of the covariance."""
+    worst = 0.0
+    d = data.dim
+    eye = torch.eye(d, dtype=F64)
+    for t, s in zip(grid[:-1], grid[1:], strict=True):
+        rev = _reverse_at(data, process, float(t), float(s))
+        tt, ss = torch.tensor([float(t)], dtype=F64), torch.tensor([float(s)], dtype=F64)
+        mean_x0, var = process.posterior(torch.zeros(1, d, dtype=F64), torch.ones(1, d, dtype=F64), tt, ss)
+        c_x0, v = mean_x0.reshape(-1)[0], var.reshape(-1)[0]
+        alpha, sigma = process.alpha(tt)[0], process.sigma(tt)[0]
+        cov = data.cov
+        cov_x0 = cov - alpha**2 * cov @ torch.linalg.solve(alpha**2 * cov + sigma**2 * eye, cov)
+        expected = v * eye + c_x0**2 * cov_x0
+        worst = max(worst, float((rev.Q - expected).abs().max() / rev.Q.abs().max().clamp_min(1e-300)))
+    return worst
