@@ -12,7 +12,7 @@ learning rate, the weights settle where the sum over passes of the expected weig
 ``sum_k E[(a y_k - eps - delta_k / sigma) y_k] = 0`` with ``y_k = x_t + delta_k``, where ``delta_k`` itself
 depends on ``a``. That is a fixed point, not the minimiser of any fixed objective (C7: the detached step does not
 ascend the full AT loss). :func:`free_at_fixed_point` solves it by iterating
-``a <- sum_k E[(eps + delta_k / sigma) y_k] / sum_k E[y_k^2]`` on common random numbers, and returns the fixed
+``a = update(a) = sum_k E[(eps + delta_k / sigma) y_k] / sum_k E[y_k^2]`` on common random numbers, and returns the fixed
 point's ratio to the least-squares slope of the same sample times the exact least-squares slope (the sampling
 noise of the two largely cancels).
 """
@@ -58,12 +58,13 @@ def least_squares_slope(alpha: Tensor, sigma: Tensor, lam: Tensor, mean: Tensor,
 
 def free_at_fixed_point(alpha: Tensor, sigma: Tensor, lam: Tensor, mean: Tensor, step: float, *, replay: int = 3,
                         shared: bool = False, n: int = 20_000, generator: torch.Generator | None = None,
-                        iters: int = 30, tol: float = 1e-7) -> Tensor:
+                        iters: int = 30, tol: float = 1e-6) -> Tensor:
     """The population fixed point of free AT (module docstring) for ``eps = a * x`` on ``N(mean, diag(lam))``.
 
     ``alpha``, ``sigma`` ``(T,)`` (the times), ``lam``, ``mean`` ``(d,)``, ``step`` the l2 step length ``h``,
     ``replay`` ``K``, ``shared`` one slope for all coordinates. ``n`` Monte Carlo draws, shared by all times.
-    The iteration stops after ``iters`` rounds or once no slope moves by more than ``tol`` relative.
+    Solved by elementwise secant steps on ``update(a) - a`` (the plain iteration converges slowly at small
+    ``sigma``), stopping after ``iters`` rounds or once the residual is below ``tol`` relative to ``a``.
     Returns the slopes ``(T, d)`` (float64).
     """
     if replay < 1 or n < 2 or step < 0:
@@ -80,15 +81,25 @@ def free_at_fixed_point(alpha: Tensor, sigma: Tensor, lam: Tensor, mean: Tensor,
     def ratio(num: Tensor, den: Tensor) -> Tensor:
         return (num.sum(dims) / den.sum(dims)).reshape(len(alpha), -1).expand(-1, d)
 
-    a_ls_mc = ratio(eps * x_t, x_t**2)
-    a = a_ls_mc.clone()
-    for _ in range(iters):
+    def update(a: Tensor) -> Tensor:
         deltas = free_at_deltas(a[:, None, :], x_t, eps, sg, step, replay)
         num = sum((eps + dl / sg) * (x_t + dl) for dl in deltas)
         den = sum((x_t + dl) ** 2 for dl in deltas)
-        a, before = ratio(num, den), a
-        if float(((a - before) / before).abs().max()) < tol:
+        return ratio(num, den)
+
+    a_ls_mc = ratio(eps * x_t, x_t**2)
+    # secant steps on F(a) = update(a) - a, elementwise (the coupling between coordinates through the l2 norm is
+    # weak); a plain fixed-point step wherever the secant slope is unusable
+    a_prev, f_prev = a_ls_mc, update(a_ls_mc) - a_ls_mc
+    a = a_prev + f_prev
+    for _ in range(iters):
+        f = update(a) - a
+        if float((f / a).abs().max()) < tol:
             break
+        slope = (f - f_prev) / (a - a_prev)
+        usable = (slope < -0.05) & torch.isfinite(slope)
+        a_next = torch.where(usable, a - f / torch.where(usable, slope, -torch.ones_like(slope)), a + f)
+        a_prev, f_prev, a = a, f, a_next
     return a / a_ls_mc * least_squares_slope(alpha, sigma, lam, mean, shared)
 
 
