@@ -11,10 +11,14 @@ For the eps-model ``eps = a * x`` (``a`` per coordinate, or one scalar shared by
 learning rate, the weights settle where the sum over passes of the expected weight gradients vanishes:
 ``sum_k E[(a y_k - eps - delta_k / sigma) y_k] = 0`` with ``y_k = x_t + delta_k``, where ``delta_k`` itself
 depends on ``a``. That is a fixed point, not the minimiser of any fixed objective (C7: the detached step does not
-ascend the full AT loss). :func:`free_at_fixed_point` solves it by iterating
-``a = update(a) = sum_k E[(eps + delta_k / sigma) y_k] / sum_k E[y_k^2]`` on common random numbers, and returns the fixed
-point's ratio to the least-squares slope of the same sample times the exact least-squares slope (the sampling
-noise of the two largely cancels).
+ascend the full AT loss). :func:`free_at_fixed_point` solves ``a = update(a)``, ``update(a) = sum_k E[(eps +
+delta_k / sigma) y_k] / sum_k E[y_k^2]``, on common random numbers, and returns the fixed point's ratio to the
+least-squares slope of the same sample times the exact least-squares slope (the sampling noise of the two largely
+cancels).
+
+The step is normalised with the float ``tiny`` as floor, as ``atdiff.perturb`` does (the reference code uses
+``max(||g||, 1e-8)``): a sample whose delta gradient is below 1e-8 takes a full step here and a shorter one there.
+With Gaussian data such gradients have probability ~0, so the two agree.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def consistency_residuals(f: Callable[[Tensor, Tensor], Tensor], data: Gaussian,
 def _symbolic_map_gap(x: Tensor, t: Tensor, s_data: float, t_min: float) -> float:
     """``max |f_sympy - consistency_map| / max |x|`` with :func:`theory.symbolic.derive_ve_consistency_map` (which
     solves the PF-ODE with ``sympy.dsolve``); ``inf`` if its own symbolic checks did not reduce to 0."""
-    from .symbolic import derive_ve_consistency_map
+    from theory.symbolic import derive_ve_consistency_map
 
     derivation = derive_ve_consistency_map()
     if not derivation.verified:

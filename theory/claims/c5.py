@@ -291,7 +291,7 @@ def claim_c5(*, quick: bool, seed: int, out: Path | None) -> list[Verdict]:
     nfes = (5, 20) if quick else (5, 10, 20, 50)
     rhos = (HEADLINE_RHO,) if quick else (RHO_REF, 0.05, HEADLINE_RHO)
     settings = c5_settings()
-    table = c5_arm_table(settings, process, nfes, rhos, n=1500 if quick else 4000, generator=gen)
+    table = c5_arm_table(settings, process, nfes, rhos, n=1500 if quick else 3000, generator=gen)
     verdicts = arm_verdicts(table)
     chain_check = linear_chain_crosscheck(settings[::2] if quick else settings, process, 5 if quick else 10, 0.1)
     train = free_at_training_check(quick=quick, seed=seed)

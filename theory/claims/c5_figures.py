@@ -32,6 +32,7 @@ def c5_figures(out: Path | None, table: dict, nfes: tuple[int, ...], settings, r
                         label=arm)
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set_xscale("log")
+            ax.set_yscale("log")
             ax.set_xticks(list(nfes), [str(k) for k in nfes])
             ax.set_xticks([], minor=True)
             sd = ", ".join(f"{v:.2f}" for v in base["sd_ratio"])
