@@ -13,8 +13,9 @@ from atdiff.perturb import Perturber, kl_ball_radius
 from atdiff.processes import VPDiscrete
 from atdiff.samplers import sample_ddim, sample_ddpm, uniform_grid
 from theory import at_linear, diag_chain, linear
-from theory.claims import CLAIMS, Verdict, c4, c5, c5_check, c6, c7, c8, common
+from theory.claims import CLAIMS, Verdict, c4, c5, c5_check, c6, c7, c8, common, load_all
 
+load_all()  # register every claim in CLAIMS
 F64 = torch.float64
 PROCESSES = {"linear": VPDiscrete("linear"), "cosine": VPDiscrete("cosine")}
 SCHEDULES = st.sampled_from(sorted(PROCESSES))

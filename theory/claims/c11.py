@@ -28,15 +28,17 @@ def claim_c11(*, quick: bool, seed: int, out: Path | None) -> Verdict:
     from atdiff.losses import DenoisingLoss
     from atdiff.networks.mlp import MLP
     from atdiff.perturb import paper_at
+    from atdiff.precond import DiffusionModel
     from atdiff.train import free_at_step, train_step
 
     gen = new_generator(seed)
     replay = 3
     hidden, batch, repeats, budget = (64, 256, 25, 0.4) if quick else (128, 1024, 40, 5.0)
     torch.manual_seed(seed)
-    model = MLP(2, hidden=hidden, depth=3)
+    process = VPDiscrete("linear")
+    model = DiffusionModel(MLP(2, hidden=hidden, depth=3), process)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    loss = DenoisingLoss(VPDiscrete("linear"))
+    loss = DenoisingLoss(process)
     x0 = torch.randn(batch, 2, generator=gen)
     pert = paper_at(replay)
     # every block makes K parameter updates: K standard steps, one free-AT minibatch, K PGD-(K-1) steps

@@ -95,6 +95,8 @@ def count_projections(perturber, x0: Tensor, replay: int, trials: int, gen: torc
 class _PixelNet(nn.Module):
     """A tiny eps-network for image-shaped inputs ``(B, C, H, W)``: two 1x1 convolutions, time ignored."""
 
+    prediction = "eps"
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.a = nn.Conv2d(channels, 8, 1)
