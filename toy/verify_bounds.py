@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from theory.claims import CLAIM_IDS, Verdict, run_claims, select_claims
 from theory.estimators import reference_pair_errors
 
-#: sample sizes and seeds of the estimator-accuracy figure (the full run's n = 1600 costs ~0.5 s per W2)
+#: sample sizes and seeds of the estimator-accuracy figure (exact W2 is roughly cubic in n)
 ESTIMATOR_NS = {"quick": ((200, 400, 800), 3), "full": ((200, 400, 800, 1600), 4)}
 
 

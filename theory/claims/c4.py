@@ -54,7 +54,7 @@ def model_step_mean(x: Tensor, eps_pred: Tensor, process: VPDiscrete, t: Tensor)
 def _kl_isotropic_many(cases: list[tuple[Tensor, Tensor, Tensor]]) -> list[Tensor]:
     """``KL(N(m0, var I) || N(m1, var I))`` per sample for several ``(m0 (B, d), m1 (B, d), var (B, 1))``, by
     :func:`kl_gaussians` as the sum of the 1-D KLs of the coordinates, in one batched call (small ``linalg``
-    calls cost ~10 ms each on a busy 2-core machine). Returns one ``(B,)`` tensor per case."""
+    calls carry a fixed overhead each). Returns one ``(B,)`` tensor per case."""
     m0s, m1s, vs, shapes = [], [], [], []
     for m0, m1, var in cases:
         b, d = m0.shape
