@@ -161,6 +161,12 @@ def test_an_unwritable_out_exits_three(tmp_path):
     assert main(["--only", "C4", "--quick", "--quiet", "--out", str(blocker / "out")]) == 3
 
 
+def test_a_folder_with_other_files_is_refused(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("my own file")
+    assert main(["--only", "C4", "--quick", "--quiet", "--out", str(tmp_path)]) == 2
+    assert "--out" in capsys.readouterr().err and (tmp_path / "notes.txt").read_text() == "my own file"
+
+
 def test_a_new_run_replaces_the_whole_folder(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

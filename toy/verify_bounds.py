@@ -161,7 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=_seed, default=0, help="seed of every random choice, 0..2**63-1 (default 0)")
     p.add_argument("--out", type=Path, default=Path("verify_bounds_out"),
                    help="folder for report.md, report.json and figures (default: verify_bounds_out/); replaced "
-                        "as a whole when the run completes")
+                        "as a whole when the run completes, so it must be new, empty or an earlier report")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=None,
                    help="write the PNG figures (default: yes, except with --quick, where drawing them would take "
@@ -175,7 +175,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--{err}")
     if args.out.exists() and not args.out.is_dir():
         p.error(f"--out: {args.out} exists and is not a folder")
+    if args.out.is_dir() and not is_report_folder(args.out):
+        p.error(f"--out: {args.out} holds files other than a verify_bounds report (report.md, report.json, PNG "
+                "figures); it would be replaced as a whole: choose a new or empty folder")
     return args
+
+
+def is_report_folder(path: Path) -> bool:
+    """Whether ``path`` holds nothing but what a run writes (report.md, report.json, PNG figures), so that
+    replacing it as a whole loses nothing else."""
+    return all(f.is_file() and (f.suffix == ".png" or f.name in ("report.md", "report.json")) for f in path.iterdir())
 
 
 def run(args: argparse.Namespace, argv: list[str] | None, work: Path) -> tuple[list[Verdict], dict, str]:
