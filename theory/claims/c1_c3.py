@@ -1,4 +1,14 @@
-"""TODO"""
+"""C1 and C3 (checks): Prop. 1's path bound and the KL-ball propagation inequality (Wang et al. 2025, Prop. 1 and
+the DRO argument), exact on Gaussian data with linear eps-models (:mod:`theory.linear`).
+
+* C1: ``KL(q_t || p_t) <= KL(q_T || p_T) + sum_{s >= t} E_q KL(q(x_s | x_{s+1}) || p(x_s | x_{s+1}))`` along DDPM
+  chains of a perturbed linear model, and the Bayes ``eps*`` as the minimiser of its right side.
+* C3: ``KL(p_t || q_t) <= KL(p_{t+1} || q_{t+1}) + E_p KL(p(x_t | x_{t+1}) || q(x_t | x_{t+1}))``.
+
+Both inequalities hold for any model; each claim also runs a model-side leg
+(:func:`theory.claims.chain_common.posterior_total_variance_error`). Each check separates the *computation* of the
+terms (``*_terms``) from the *check* (``check_*``, a pure function), so a test can feed wrong terms.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO"""
+"""C2 (measurement): the train/sample mismatch ``KL(p(x_t) || q(x_t))`` and W2 along DDPM and DDIM chains, per
+NFE, exact for Gaussian data with linear eps-models: does it exist, and does it grow toward t = 0 and at small
+NFE? (Wang et al. 2025, the exposure-bias argument of the introduction.)"""
 
 from __future__ import annotations
 

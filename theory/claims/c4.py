@@ -1,4 +1,7 @@
-"""TODO"""
+"""C4 (check): DRO = AT. For ``x~ = x_t + delta`` with ``x0`` fixed, ``KL(q(x_{t-1} | x~, x0) || p_theta(x_{t-1} |
+x~)) = c_t ||eps_theta(x~) - eps - delta / sigma_t||^2`` with ``c_t = beta_t^2 / (2 beta~_t alpha_t (1 - abar_t))``,
+and a KL radius ``eta0`` is the l2 radius ``sqrt(2 eta0 (1 - abar_t))``. Built from pure functions of ``c_t``, a
+radius and the two sides, so a test can feed a wrong quantity; checked against sympy in the full run."""
 
 from __future__ import annotations
 

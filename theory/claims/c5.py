@@ -39,7 +39,7 @@ from theory.at_linear import (
 )
 from theory.claims import Verdict, claim
 from theory.claims.c5_check import c5_part_a, free_at_training_check
-from theory.claims.c5_figures import c5_figures
+from theory.claims.c5_figures import c5_figures, c5_markdown_table
 from theory.claims.common import (
     F64,
     diag,
@@ -259,25 +259,6 @@ def arm_verdicts(table: dict[str, dict[str, list[float]]]) -> dict[str, dict[str
         rec.update(lowered_w2=f"{lower}/{len(ratios)}", median_w2_ratio=round_value(statistics.median(ratios), 4),
                    verdict="helps" if lower > len(ratios) / 2 else "hurts")
     return out
-
-
-def c5_markdown_table(table: dict[str, dict[str, list[float]]], nfes: tuple[int, ...], rho: float) -> str:
-    """The C5 table at strength ``rho``: one row per setting / sampler / arm, W2 over the Bayes model's W2 per
-    NFE, and the final sd ratio (the Bayes row gives its W2 and sd ratio)."""
-    lines = ["| setting / sampler | arm | " + " | ".join(f"NFE {k}" for k in nfes) + " | final sd / data sd |",
-             "|---|---|" + "---|" * (len(nfes) + 1)]
-    for key, row in table.items():
-        setting, sampler, name = key.split("/")
-        if name != "bayes" and name != arm_name(name.split("@")[0], rho):
-            continue
-        base = table[f"{setting}/{sampler}/bayes"]["w2"]
-        if name == "bayes":
-            cells = [f"W2 {w:.3g}" for w in row["w2"]]
-        else:
-            cells = [f"{w / b:.3f}" for w, b in zip(row["w2"], base, strict=True)]
-        sd = " / ".join(f"{v:.3f}" for v in row["sd_ratio"])
-        lines.append(f"| {setting} / {sampler} | {name} | " + " | ".join(cells) + f" | {sd} |")
-    return "\n".join(lines)
 
 
 @claim("C5")

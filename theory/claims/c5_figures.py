@@ -1,4 +1,5 @@
-"""Figures of C5: the DRO-ideal AT loss L_AT(a) (part a); the W2 of each arm over the Bayes model's, per NFE, and
+"""Figures and the table of C5: the DRO-ideal AT loss L_AT(a) (part a); the W2 of each arm over the Bayes
+model's, per NFE, and
 the final standard-deviation ratio (part b)."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from atdiff.processes import Process
 from theory.at_linear import at_minimiser_1d, bayes_slope, l_at_1d
 from theory.claims.common import F64, f64, save_figure, subplots
 
-__all__ = ["c5_figures", "l_at_figure"]
+__all__ = ["c5_figures", "c5_markdown_table", "l_at_figure"]
 
 _STYLE = {"free-at": "C0", "dro": "C3", "ip": "C2", "es": "C1"}
 
@@ -70,3 +71,22 @@ def l_at_figure(out: Path | None, process: Process) -> list[str]:
     fig.suptitle("C5: DRO-ideal L_AT(a), 1-D N(0, 0.25), eps = a x (dots: minimisers)")
     fig.subplots_adjust(left=0.06, right=0.99, bottom=0.15, top=0.83, wspace=0.25)
     return save_figure(fig, out, "c5_l_at_curves.png", layout=False, dpi=90)
+
+
+def c5_markdown_table(table: dict[str, dict[str, list[float]]], nfes: tuple[int, ...], rho: float) -> str:
+    """The C5 table at strength ``rho``: one row per setting / sampler / arm, W2 over the Bayes model's W2 per
+    NFE, and the final sd ratio (the Bayes row gives its W2 and sd ratio)."""
+    lines = ["| setting / sampler | arm | " + " | ".join(f"NFE {k}" for k in nfes) + " | final sd / data sd |",
+             "|---|---|" + "---|" * (len(nfes) + 1)]
+    for key, row in table.items():
+        setting, sampler, name = key.split("/")
+        if name != "bayes" and name != f"{name.split('@')[0]}@{rho:.3g}":
+            continue
+        base = table[f"{setting}/{sampler}/bayes"]["w2"]
+        if name == "bayes":
+            cells = [f"W2 {w:.3g}" for w in row["w2"]]
+        else:
+            cells = [f"{w / b:.3f}" for w, b in zip(row["w2"], base, strict=True)]
+        sd = " / ".join(f"{v:.3f}" for v in row["sd_ratio"])
+        lines.append(f"| {setting} / {sampler} | {name} | " + " | ".join(cells) + f" | {sd} |")
+    return "\n".join(lines)

@@ -1,4 +1,6 @@
-"""TODO"""
+"""Problem builders shared by the chain claims (C1, C2, C3): random Gaussian data, perturbed linear models, the
+affine steps of a named sampler, cached exact marginals and reverse transitions, and the posterior's law of total
+variance (the model-side leg of C1 and C3)."""
 
 from __future__ import annotations
 
