@@ -1,6 +1,5 @@
 """Figures and the table of C5: the DRO-ideal AT loss L_AT(a) (part a); the W2 of each arm over the Bayes
-model's, per NFE, and
-the final standard-deviation ratio (part b)."""
+model's, per NFE, and the final standard-deviation ratio (part b)."""
 
 from __future__ import annotations
 
