@@ -1,6 +1,6 @@
 """Tests of the claims C4-C8 and C11 (``theory.claims``, ``theory.at_linear``): every check holds on random
-configurations and fails
-when fed a deliberately wrong quantity; the closed forms match Monte Carlo; every verdict round-trips through JSON."""
+configurations and fails when fed a deliberately wrong quantity; the closed forms match Monte Carlo; every verdict
+round-trips through JSON."""
 
 import json
 import math
