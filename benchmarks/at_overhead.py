@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from atdiff.losses import DenoisingLoss
 from atdiff.networks.mlp import MLP
-from atdiff.perturb import PAPER_REPLAY, Perturber, input_perturbation, paper_at
+from atdiff.perturb import PAPER_REPLAY, PAPER_TARGET_MODE, Perturber, input_perturbation, paper_at
 from atdiff.precond import DiffusionModel
 from atdiff.processes import VPDiscrete
 from atdiff.train import free_at_step, train_step
@@ -62,18 +62,20 @@ class Method:
     run: Callable[[nn.Module, Tensor, torch.optim.Optimizer, torch.Generator], None]
 
 
-def methods(loss: DenoisingLoss) -> list[Method]:
-    """The four methods compared, each as ``run(model, x0, optimizer, generator)`` on one minibatch."""
-    ip, free = input_perturbation(0.1), paper_at(PAPER_REPLAY)
+def methods(process: VPDiscrete) -> list[Method]:
+    """The four methods compared, each as ``run(model, x0, optimizer, generator)`` on one minibatch; the AT
+    methods train with the detached equivariant target (``PAPER_TARGET_MODE``), the others with the clean one."""
+    loss, at_loss = DenoisingLoss(process), DenoisingLoss(process, target_mode=PAPER_TARGET_MODE)
+    ip, free = input_perturbation(0.1), paper_at()
     pgd = Perturber("pgd", norm="l2", budget="rms", radius=0.1, steps=3, step_size=0.1,
-                    step_units="absolute", step_rule="l2", init="zero", target_mode="equivariant-detached")
+                    step_units="absolute", step_rule="l2", init="zero")
     return [
         Method("standard", 1, 1.0, lambda m, x, o, g: train_step(m, x, loss, o, generator=g)),
         Method("ip", 1, 1.0, lambda m, x, o, g: train_step(m, x, loss, o, perturber=ip, generator=g)),
         Method(f"free-at-{PAPER_REPLAY}", PAPER_REPLAY, 1.0,
-               lambda m, x, o, g: free_at_step(m, x, loss, o, replay=PAPER_REPLAY, perturber=free,
+               lambda m, x, o, g: free_at_step(m, x, at_loss, o, replay=PAPER_REPLAY, perturber=free,
                                                generator=g)),
-        Method("pgd-3", 1, 4.0, lambda m, x, o, g: train_step(m, x, loss, o, perturber=pgd, generator=g)),
+        Method("pgd-3", 1, 4.0, lambda m, x, o, g: train_step(m, x, at_loss, o, perturber=pgd, generator=g)),
     ]
 
 
@@ -93,11 +95,10 @@ def bench_workload(name: str, net: nn.Module, net_name: str, shape: tuple[int, .
     """Interleaved timing of every method on one network (:func:`theory.timing.interleaved_times`, each method on
     its own copy of the network); returns medians, paired ratios with 95% intervals and raw samples."""
     process = VPDiscrete("linear")
-    loss = DenoisingLoss(process)
     data_gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(shape, generator=data_gen).to(device) for _ in range(n_batches)]
     base = DiffusionModel(net, process).to(device)
-    ms = methods(loss)
+    ms = methods(process)
     runners = {}
     for m in ms:
         model = copy.deepcopy(base)

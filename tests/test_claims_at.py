@@ -178,7 +178,7 @@ def test_c5_shared_model_loss_matches_the_library_attack():
     g = gen(2)
     x0 = torch.randn(n, 3, generator=g, dtype=F64) * lam.sqrt()
     eps = torch.randn(n, 3, generator=g, dtype=F64)
-    pert = Perturber("fgsm", radius=radius, step_size=radius, step_units="absolute", target_mode="equivariant")
+    pert = Perturber("fgsm", radius=radius, step_size=radius, step_units="absolute")
     alpha, sigma = p.alpha(tt[:1]), p.sigma(tt[:1])
     for a in (0.5, 1.2, 2.5):
         model = linear.constant_eps_model(a * torch.eye(3, dtype=F64), torch.zeros(3, dtype=F64))
@@ -292,7 +292,7 @@ def test_c7_detached_lowers_true_raises_the_full_objective():
        aligned=st.booleans())
 def test_c8_projection_fires_only_when_the_bound_allows(replay, step, radius, d, aligned):
     pert = Perturber("pgd", radius=radius, steps=replay - 1, step_size=step, step_units="absolute",
-                     step_rule="l2", init="zero", target_mode="equivariant-detached")
+                     step_rule="l2", init="zero")
     fired, wrong, total, max_norm = c8.count_projections(pert, torch.zeros(4, d, dtype=F64), replay, 2, gen(d),
                                                          aligned=aligned)
     assert wrong == 0  # every projected norm is min(||delta||, radius)

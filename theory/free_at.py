@@ -16,9 +16,8 @@ delta_k / sigma) y_k] / sum_k E[y_k^2]``, on common random numbers, and returns 
 least-squares slope of the same sample times the exact least-squares slope (the sampling noise of the two largely
 cancels).
 
-The step is normalised with the float ``tiny`` as floor, as ``atdiff.perturb`` does (the reference code uses
-``max(||g||, 1e-8)``): a sample whose delta gradient is below 1e-8 takes a full step here and a shorter one there.
-With Gaussian data such gradients have probability ~0, so the two agree.
+The step is normalised as the reference code and ``atdiff.perturb`` do: ``g / max(||g||, 1e-8)`` (a sample whose
+delta gradient is below 1e-8 takes a shorter step; with Gaussian data that has probability ~0).
 """
 
 from __future__ import annotations
@@ -27,6 +26,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from atdiff.perturb import GRAD_NORM_FLOOR
 
 __all__ = ["free_at_deltas", "free_at_fixed_point", "least_squares_slope", "ip_matched_slope", "es_matched_slope"]
 
@@ -42,7 +43,7 @@ def free_at_deltas(a: Tensor, x_t: Tensor, eps: Tensor, sigma: Tensor, step: flo
     out = [delta]
     for _ in range(replay - 1):
         g = a * (a * (x_t + delta) - eps - delta / sigma)
-        norm = g.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+        norm = g.norm(dim=-1, keepdim=True).clamp_min(GRAD_NORM_FLOOR)
         delta = delta + step * g / norm
         out.append(delta)
     return out

@@ -27,7 +27,7 @@ def claim_c11(*, quick: bool, seed: int, out: Path | None) -> Verdict:
     costs about K per update. Toy MLP on 2-D points, one process, interleaved rounds."""
     from atdiff.losses import DenoisingLoss
     from atdiff.networks.mlp import MLP
-    from atdiff.perturb import paper_at
+    from atdiff.perturb import PAPER_TARGET_MODE, Perturber, paper_at
     from atdiff.precond import DiffusionModel
     from atdiff.train import free_at_step, train_step
 
@@ -38,14 +38,16 @@ def claim_c11(*, quick: bool, seed: int, out: Path | None) -> Verdict:
     process = VPDiscrete("linear")
     model = DiffusionModel(MLP(2, hidden=hidden, depth=3), process)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    loss = DenoisingLoss(process)
+    loss = DenoisingLoss(process, target_mode=PAPER_TARGET_MODE)
     x0 = torch.randn(batch, 2, generator=gen)
-    pert = paper_at(replay)
+    pert = paper_at()
+    pgd = Perturber("pgd", norm="l2", budget="rms", radius=0.1, steps=replay - 1, step_size=0.1,
+                    step_units="absolute", step_rule="l2", init="zero")
     # every block makes K parameter updates: K standard steps, one free-AT minibatch, K PGD-(K-1) steps
     fns = {
         "standard": repeat_call(lambda: train_step(model, x0, loss, opt, generator=gen), replay),
         "free": lambda: free_at_step(model, x0, loss, opt, replay=replay, perturber=pert, generator=gen),
-        "pgd": repeat_call(lambda: train_step(model, x0, loss, opt, perturber=pert, generator=gen), replay),
+        "pgd": repeat_call(lambda: train_step(model, x0, loss, opt, perturber=pgd, generator=gen), replay),
     }
     times = interleaved_times(fns, repeats, budget=budget)
     free, free_lo, free_hi = median_ratio_ci(times["free"], times["standard"], seed=seed)
@@ -67,7 +69,8 @@ def claim_c11(*, quick: bool, seed: int, out: Path | None) -> Verdict:
         notes=f"MLP(2, hidden {hidden}, depth 3), batch {batch}, Adam, one torch thread, {len(times['standard'])} "
               f"interleaved rounds (at most {repeats}, time budget {budget:g} s, order rotating) of three blocks of "
               f"K = {replay} parameter updates each: {replay} train_step calls; one free_at_step(replay={replay}, "
-              f"paper_at) minibatch; {replay} train_step calls with the same perturber (PGD: {replay - 1} attack "
-              "steps + 1 update each). Ratios: median over rounds of block time / standard block time of the same "
-              "round, with a 95% bootstrap interval over rounds (theory.timing). Free AT makes K updates per "
-              "minibatch, so per data epoch it costs K x free_per_update_ratio standard epochs.")
+              f"paper_at) minibatch; {replay} train_step calls with PGD ({replay - 1} l2 attack steps of 0.1 + 1 "
+              "update each); the loss has the detached equivariant target. Ratios: median over rounds of block time "
+              "/ standard block time of the same round, with a 95% bootstrap interval over rounds (theory.timing). "
+              "Free AT makes K updates per minibatch, so per data epoch it costs K x free_per_update_ratio standard "
+              "epochs.")

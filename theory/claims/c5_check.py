@@ -55,7 +55,7 @@ def c5_closed_form_vs_mc(process: VPDiscrete, t: float, lam: float, eta: float, 
     tt = torch.full((n,), float(t), dtype=F64)
     x0 = mean + torch.randn(n, 1, generator=gen, dtype=F64) * math.sqrt(lam)
     eps = torch.randn(n, 1, generator=gen, dtype=F64)
-    pert = Perturber("fgsm", radius=eta, step_size=eta, step_units="absolute", target_mode="equivariant")
+    pert = Perturber("fgsm", radius=eta, step_size=eta, step_units="absolute")
     alpha, sigma = process.alpha(tt[:1]), process.sigma(tt[:1])
     zs = []
     for a in slopes:
@@ -181,16 +181,16 @@ def free_at_training_slope(t: float, lam: float, step: float, *, updates: int, b
 
     class FixedTime(DenoisingLoss):
         def draw(self, x0: Tensor, generator: torch.Generator | None = None):
-            drawn_t, eps = super().draw(x0, generator)
-            return torch.full_like(drawn_t, t), eps
+            record = super().draw(x0, generator)
+            return record._replace(t=torch.full_like(record.t, t))
 
     gen = torch.Generator().manual_seed(seed)
     process = VPDiscrete("linear")
     model = _Slope(float(bayes_slope(process.alpha(f64(t)), process.sigma(f64(t)), f64(lam))))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    pert = Perturber("pgd", norm="l2", budget="absolute", radius=4 * step, steps=2, step_size=step,
-                     step_units="absolute", step_rule="l2", init="zero", target_mode="equivariant-detached")
-    loss = FixedTime(process)
+    pert = Perturber("fgsm", norm="l2", budget="absolute", radius=4 * step, step_size=step, step_units="absolute",
+                     step_rule="l2", init="zero")
+    loss = FixedTime(process, target_mode="equivariant-detached")
     trace = []
     for i in range(updates):
         if i == updates // 10:

@@ -71,7 +71,7 @@ def c6_mc_slopes(data: Gaussian, process: VPDiscrete, t: float, gamma: float, n:
     x0 = data.mean + (torch.randn(n, data.dim, generator=gen, dtype=F64) * data.evals.sqrt()) @ data.evecs.T
     eps = torch.randn(n, data.dim, generator=gen, dtype=F64)
     x_t = process.add_noise(x0, eps, tt)
-    eq = Perturber("gaussian", budget="rms", radius=gamma * sigma, target_mode="equivariant")
+    eq = Perturber("gaussian", budget="rms", radius=gamma * sigma)
     ip = input_perturbation(gamma)
     d_eq = eq.init_delta(x0, eq.radius_for(x0, tt, process), gen)
     d_ip = ip.init_delta(x0, ip.radius_for(x0, tt, process), gen)

@@ -61,7 +61,7 @@ def ascent_delta(model: Callable, x0: Tensor, eps: Tensor, t: Tensor, process: P
     from atdiff.perturb import Perturber
 
     pert = Perturber("pgd", radius=radius, steps=steps, step_size=step, step_units="absolute", step_rule="l2",
-                     init="zero", target_mode=mode)
+                     init="zero")
     return pert(lambda dl: denoising_loss(model, x0, t, eps, process, delta=dl, target_mode=mode), x0, t, process)
 
 

@@ -110,13 +110,14 @@ def _free_at_projections(perturber, shape: tuple[int, ...], replay: int, batches
                          ) -> ProjectionCounts:
     """Count projections inside ``atdiff.train.free_at_step`` on random images with a tiny network."""
     from atdiff.losses import DenoisingLoss
+    from atdiff.perturb import PAPER_TARGET_MODE
     from atdiff.train import free_at_step
 
     counting = _counting_perturber(perturber)
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
     model = _PixelNet(shape[1])
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    loss = DenoisingLoss(VPDiscrete("cosine"))
+    loss = DenoisingLoss(VPDiscrete("cosine"), target_mode=PAPER_TARGET_MODE)
     for _ in range(batches):
         x0 = torch.randn(shape, generator=gen)
         free_at_step(model, x0, loss, opt, replay=replay, perturber=counting, generator=gen)
@@ -133,7 +134,7 @@ def claim_c8(*, quick: bool, seed: int, out: Path | None) -> Verdict:
     gen = new_generator(seed)
     replay, d_shape = 3, (3, 32, 32)
     d = math.prod(d_shape)
-    ref = paper_at(replay)
+    ref = paper_at()
     radius, step = float(rms_radius(ref.radius, d)), float(ref.step_size)
     batch, trials, batches = (8, 3, 1) if quick else (64, 20, 4)
     x0 = torch.zeros(batch, *d_shape)
