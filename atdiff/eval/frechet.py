@@ -5,8 +5,9 @@ features are the Inception pool features).
 
 Matrix square root. The trace term only needs ``tr (S_1^{1/2} S_2 S_1^{1/2})^{1/2}``, and the matrix inside is
 symmetric positive semi-definite, so it is computed with two symmetric eigendecompositions (``eigh``): one for
-``S_1^{1/2}`` and one for the eigenvalues of ``S_1^{1/2} S_2 S_1^{1/2}``; eigenvalues below zero (round-off) are
-clipped to zero. This is why it is preferred here to ``scipy.linalg.sqrtm(S_1 @ S_2)`` (the form ADM and
+``S_1^{1/2}`` and one for the eigenvalues of ``S_1^{1/2} S_2 S_1^{1/2}``; eigenvalues below the round-off level
+``d * eps * max|eigenvalue|`` (including negative ones) are set to zero, so the square root does not amplify
+round-off (``sqrt(1e-14) = 1e-7`` per null direction) on rank-deficient covariances. This is why it is preferred here to ``scipy.linalg.sqrtm(S_1 @ S_2)`` (the form ADM and
 pytorch-fid use): the product ``S_1 S_2`` is not symmetric, its Schur-based square root returns spurious imaginary
 parts and fails on singular covariances (fewer samples than dimensions), which those tools patch with an
 ``eps * I`` offset that changes the value. The symmetric form is exact for singular matrices, never complex, and
@@ -75,12 +76,18 @@ def fit_gaussian(features: np.ndarray) -> GaussianStats:
                          features.shape[0])
 
 
+def _clip_roundoff(w: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a PSD matrix with those below ``d * eps * max|w|`` (round-off, or negative) set to zero."""
+    tol = w.size * np.finfo(np.float64).eps * max(float(np.abs(w).max(initial=0.0)), np.finfo(np.float64).tiny)
+    return np.where(w > tol, w, 0.0)
+
+
 def sqrtm_psd(a: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a symmetric positive semi-definite ``a`` ``(d, d)`` by ``eigh``; eigenvalues below
-    zero (round-off) are clipped to zero."""
+    """Symmetric square root of a symmetric positive semi-definite ``a`` ``(d, d)`` by ``eigh``; eigenvalues at
+    round-off level or below zero are set to zero."""
     a = np.asarray(a, dtype=np.float64)
     w, v = np.linalg.eigh(0.5 * (a + a.T))
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    return (v * np.sqrt(_clip_roundoff(w))) @ v.T
 
 
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
@@ -88,7 +95,7 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     root = sqrtm_psd(sigma1)
     inner = root @ np.asarray(sigma2, dtype=np.float64) @ root
     w = np.linalg.eigvalsh(0.5 * (inner + inner.T))
-    return float(np.sqrt(np.clip(w, 0.0, None)).sum())
+    return float(np.sqrt(_clip_roundoff(w)).sum())
 
 
 def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
