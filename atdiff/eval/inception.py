@@ -19,6 +19,7 @@ path (``--inception PATH`` in ``benchmarks.evaluate``, or the environment variab
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,9 @@ def load_inception(path: str | os.PathLike | None = None, device: str | torch.de
                                           feature_extractor_weights_path=str(path))
         return net.to(device).eval()
     try:
-        net = torch.jit.load(str(path), map_location=device)
+        with warnings.catch_warnings():  # TorchScript is deprecated in recent torch; this file exists only as one
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=DeprecationWarning)
+            net = torch.jit.load(str(path), map_location=device)
     except Exception as err:
         raise ValueError(f"path: {path} is not a loadable TorchScript file ({err}); expected {INCEPTION_URL}") from err
     return net.eval()
