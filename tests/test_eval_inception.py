@@ -17,6 +17,9 @@ from atdiff.eval.precision_recall import precision_recall
 from atdiff.eval.samples_io import save_samples
 from benchmarks import evaluate
 
+# the real network exists only as TorchScript; the stand-ins are scripted the same way
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*deprecated:DeprecationWarning")
+
 
 class StandIn(nn.Module):
     """Resizes to 8x8 itself, 2048 random Fourier features cos(x W + b) (well-conditioned covariance, like real

@@ -4,7 +4,9 @@ discrepancy with the cubic polynomial kernel ``k(x, y) = (x . y / d + 1)^3``, av
 Conventions follow StyleGAN2-ADA / torch-fidelity: ``num_subsets`` subsets of ``min(n_x, n_y, max_subset_size)``
 rows drawn without replacement (independently per subset) from each set; the reported numbers are the mean and the
 standard deviation of the per-subset estimates. Each subset estimate is unbiased for the population MMD^2, so their
-mean is too (it can be negative when the distributions are close).
+mean is too (it can be negative when the distributions are close). When both sets have at most ``max_subset_size``
+rows every subset is the whole set and the std is 0: it measures the spread over subsets, not the sampling error;
+pass a smaller ``max_subset_size`` (e.g. half the smaller set) to see a spread on small sets.
 """
 
 from __future__ import annotations
