@@ -80,3 +80,21 @@ def test_digits_features_reject_other_geometries(extractor):
         extractor.outputs(np.zeros((3, 8, 8, 1), np.float32), False)
     with pytest.raises(ValueError, match=r"^ref: unknown data set"):
         load_reference_dataset("cifar100")
+
+
+def test_cli_digits_features_report_accuracy_and_floor(digits, extractor, tmp_path):
+    from atdiff.eval.samples_io import save_samples
+    from benchmarks import evaluate
+
+    images, labels = digits
+    noise = np.random.default_rng(2).integers(0, 256, (400, 8, 8, 1), dtype=np.uint8)
+    save_samples(tmp_path / "noise.npz", noise)
+    cache = str(extractor.info["cache_dir"])
+    result = evaluate.main(["--samples", str(tmp_path / "noise.npz"), "--ref", "digits", "--features", "digits",
+                            "--metrics", "fid,is,pr", "--cache-dir", cache, "--json", str(tmp_path / "r.json")])
+    assert result["classifier_test_accuracy"] == extractor.info["classifier_test_accuracy"]  # the cached network
+    assert result["floor_subset_size"] == 400 and result["n_ref"] == len(images)
+    assert result["metrics"]["fid"] > 20 * result["floor"]["fid"]
+    assert result["metrics"]["is_mean"] < result["floor"]["is_mean"]  # real digits are confidently classified
+    assert result["floor"]["is_mean"] > 8
+    assert result["metrics"]["precision"] < 0.1 < 0.8 < result["floor"]["precision"]

@@ -112,7 +112,8 @@ def classifier_extractor(kind: str = "digits", cache_dir: str | os.PathLike | No
         return feats, (p if probs else None)
 
     return Extractor(f"{kind}-lenet", f"lenet-{clf.key[:20]}", outputs,
-                     {"classifier_test_accuracy": clf.test_accuracy})
+                     {"classifier_test_accuracy": clf.test_accuracy,
+                      "cache_dir": str(cache_dir if cache_dir is not None else default_cache_dir())})
 
 
 def make_extractor(kind: str, inception: str | os.PathLike | None = None, device: str = "cpu",
