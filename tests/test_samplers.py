@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from atdiff.precond import declare
 from atdiff.processes import VE, VPContinuous, VPDiscrete
 from atdiff.samplers import (
     REGISTRY,
@@ -63,6 +64,7 @@ def gaussian_eps_model(process, m, S):
         z = (x.double() - a * m) @ U
         return ((s * z / (a**2 * lam + s**2)) @ U.T).to(x.dtype)
 
+    model.prediction = "eps"
     return model
 
 
@@ -85,6 +87,7 @@ def mixture_eps_model(process, w, mu, sd):
         score = (torch.softmax(logp, dim=1) * (-(x.double() - a * mu) / var)).sum(1, keepdim=True)
         return (-s * score).to(x.dtype)
 
+    model.prediction = "eps"
     return model
 
 
@@ -95,7 +98,7 @@ def with_variance(model, v):
         eps = model(x, t)
         return torch.cat([eps, torch.full_like(eps, v)], dim=1)
 
-    f.learned_variance = True
+    f.prediction, f.learned_variance = "eps", True
     return f
 
 
@@ -105,6 +108,7 @@ def counted(model):
         return model(x, t)
 
     f.calls = 0
+    f.prediction = model.prediction
     return f
 
 
@@ -330,7 +334,7 @@ def test_learned_variance_step_has_the_interpolated_variance():
     grid = torch.tensor([500.0, 400.0, 0.0], dtype=F64)
     n, v = 100_000, 0.3
     captured = []
-    model = with_variance(lambda x, t: torch.zeros_like(x), v)
+    model = with_variance(declare(lambda x, t: torch.zeros_like(x), "eps"), v)
     sample_iddpm(model, torch.ones(n, 1, dtype=F64), process, grid,
                  generator=torch.Generator().manual_seed(0), callback=lambda info: captured.append(info["x"].clone()))
     beta = 1 - (process.abar(grid[0]) / process.abar(grid[1])).item()
