@@ -206,3 +206,28 @@ def test_respaced_model_and_log_likelihood_take_the_labels():
     assert (res.log_likelihood - exact).abs().max() < 0.05
     wrong = ode_log_likelihood(class_oracle(cont), x, cont, cond={"y": (y + 1) % 3}, rtol=1e-7, atol=1e-7)
     assert (wrong.log_likelihood - exact).abs().min() > 1.0
+
+
+def test_sampler_wrappers_read_metadata_through_averaged_model():
+    """``RespacedModel`` and ``EpsilonScaling`` read ``prediction`` / ``learned_variance`` through an
+    ``AveragedModel`` (the EMA copy a training run samples from), and the ES of an x0-model divides the eps
+    derived from it."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from atdiff.networks.mlp import MLP
+    from atdiff.samplers import EpsilonScaling
+
+    process = VPDiscrete("linear")
+    torch.manual_seed(0)
+    base = DiffusionModel(MLP(2, hidden=8, depth=1), process, prediction="x0").double()
+    ema = AveragedModel(base)
+    _, kept = respace(process, "ddim10")
+    wrapped = RespacedModel(ema, kept)
+    assert (wrapped.prediction, wrapped.learned_variance) == ("x0", False)
+    es = EpsilonScaling(ema, process, lam=2.0)
+    assert (es.prediction, es.learned_variance) == ("eps", False)
+    x, t = torch.randn(5, 2, dtype=F64), torch.full((5,), 300.0, dtype=F64)
+    a, s = process.alpha(t)[:, None], process.sigma(t)[:, None]
+    torch.testing.assert_close(es(x, t), (x - a * ema(x, t)) / s / 2.0)
+    learned = DiffusionModel(MLP(2, hidden=8, depth=1), process, learned_variance=True)
+    assert EpsilonScaling(AveragedModel(learned), process).learned_variance

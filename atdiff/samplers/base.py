@@ -194,6 +194,8 @@ class GridModel:
                                        cond=self.cond)
         self.nfe += 1
         self._watch(out)
+        if v is not None:
+            self._watch(v)
         if self.coef is not None:
             out = self.coef[0][i] * x + self.coef[1][i] * out
         return out, v
