@@ -9,6 +9,8 @@ import time
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from atdiff.precond import declare
 from atdiff.processes import VE, VPContinuous, VPDiscrete
@@ -344,3 +346,29 @@ def test_bad_arguments_name_the_argument():
                                          "are torch.float32; pass dtype=torch.float32"):
         sample("ddim", Net(), x.float(), p, 5, dtype=F64)
     assert sample("ddim", Net(), x, p, 5, dtype=torch.float32).x.dtype == torch.float32
+
+
+@given(value=st.floats(allow_nan=True, allow_infinity=True, width=64))
+def test_clip_and_churn_noise_accept_exactly_the_finite_values_in_range(value):
+    """Property: ``clip_x0`` takes any finite number > 0 and clamps the denoised estimate to it; ``S_noise`` any
+    finite number >= 0; everything else is a ``ValueError`` naming the argument."""
+    p = VPDiscrete("linear")
+    model = gaussian_model(p, M2, S2)
+    x = torch.randn(3, 2, dtype=F64, generator=torch.Generator().manual_seed(0)) * 5
+    finite = math.isfinite(value)
+    seen = []
+    if finite and value > 0:
+        sample("ddim", model, x, p, 2, clip_x0=value, callback=seen.append)
+        assert all(info["x0"].abs().max() <= value for info in seen)
+    else:
+        with pytest.raises(ValueError, match="^clip_x0: "):
+            sample("ddim", model, x, p, 2, clip_x0=value)
+    if finite and value >= 0:
+        try:
+            out = sample("euler", model, x, p, 2, S_churn=1.0, S_noise=value, generator=torch.Generator())
+            assert torch.isfinite(out.x).all()
+        except FloatingPointError:  # accepted, but noise scaled by ~1e300 overflows: reported, not silent
+            assert value > 1e100
+    else:
+        with pytest.raises(ValueError, match="^S_noise: "):
+            sample("euler", model, x, p, 2, S_churn=1.0, S_noise=value)
