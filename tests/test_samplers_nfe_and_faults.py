@@ -163,6 +163,11 @@ def test_nfe_rules():
         sample("dpm-solver", gaussian_model(p, M2, S2), x, p, nfe=10, orders=[1])
     with pytest.raises(ValueError, match="^grid_opts: "):
         sample("dpm-solver", gaussian_model(p, M2, S2), x, p, nfe=10, grid_opts={"denoise_to_zero": True})
+    # DDIM's 'ddimN' respacing on T = 1000 has no integer stride for N = 300 (strides 3 and 4 give 334, 250)
+    with pytest.raises(ValueError, match="^steps: improved-diffusion's 'ddim300'"):
+        sample("ddim", gaussian_model(p, M2, S2), x, p, nfe=300)
+    with pytest.raises(ValueError, match="^corrector_steps: "):
+        steps_for_nfe("pc", 10, corrector_steps=-1)
 
 
 def test_dpm_solver_fast_orders_converge_on_the_exact_flow():

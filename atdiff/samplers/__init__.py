@@ -68,7 +68,12 @@ def _ddim_or_uniform(process: Process, steps: int) -> Tensor:
     else a uniform grid."""
     if isinstance(process, VPDiscrete):
         _check_discrete_steps(process, steps)
-        return respaced_grid(process, f"ddim{steps}")
+        try:
+            return respaced_grid(process, f"ddim{steps}")
+        except ValueError as err:
+            raise ValueError(f"steps: improved-diffusion's 'ddim{steps}' respacing needs an integer stride giving "
+                             f"exactly {steps} of {process.T} steps ({err}); pass an explicit grid, e.g. "
+                             f"respaced_grid(process, '{steps}')") from None
     return uniform_grid(process, steps)
 
 
@@ -97,7 +102,7 @@ def _corrector_plan(default_correctors: int) -> Callable[[int, Mapping[str, Any]
     """SDE / predictor-corrector: ``N (1 + M)`` evaluations for ``M = corrector_steps`` per step."""
 
     def plan(nfe: int, opts: Mapping[str, Any]) -> NfePlan:
-        per = 1 + opts.get("corrector_steps", default_correctors)
+        per = 1 + check_int(opts.get("corrector_steps", default_correctors), "corrector_steps", 0)
         if nfe % per:
             raise ValueError(f"nfe: this sampler spends {per} evaluations per step (1 predictor + "
                              f"{per - 1} corrector), so nfe must be a multiple of {per}; got {nfe}")
