@@ -384,3 +384,8 @@ def test_bad_input_names_the_argument():
         sample_consistency(exact_map(*DATA["1d"]), torch.zeros(2, 1, dtype=F64), VE(), torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="^name"):
         cm_at_preset("pgd-100")
+    nan_model = declare(lambda x, t: x * float("nan"), prediction="x0")
+    with pytest.raises(FloatingPointError, match="consistency.*step 0"):
+        sample_consistency(nan_model, torch.zeros(2, 1), VE(), torch.tensor([80.0]))
+    with pytest.raises(ValueError, match="^x_T"):
+        sample_consistency(nan_model, torch.zeros(2, 1, dtype=torch.int64), VE(), torch.tensor([80.0]))

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..param import predict, unwrap
 from ..processes import VE, Process
-from .base import SampleResult, randn_like, report, time_like
+from .base import SampleResult, nonfinite_error, prepare, randn_like, report, time_like
 from .grids import karras_grid
 
 __all__ = ["sample_consistency", "consistency_grid"]
@@ -48,7 +48,8 @@ def _check_levels(grid: Tensor, process: Process, sigma_min: float) -> list[floa
 def sample_consistency(model: Callable, x_T: Tensor, process: Process, grid: Tensor, *,
                        cond: Mapping[str, Any] | None = None, generator: torch.Generator | None = None,
                        callback: Callable[[dict], None] | None = None, progress: bool = False,
-                       dtype: torch.dtype | None = None, sigma_min: float | None = None) -> SampleResult:
+                       dtype: torch.dtype | None = None, sigma_min: float | None = None,
+                       check_finite: bool = True) -> SampleResult:
     """One-step or multistep consistency sampling.
 
     ``x_T`` ``(B, ...)`` is the prior draw at ``grid[0]`` (e.g. ``sigma_max z``); ``grid`` ``(M,)`` strictly
@@ -57,17 +58,15 @@ def sample_consistency(model: Callable, x_T: Tensor, process: Process, grid: Ten
     :class:`~atdiff.precond.ConsistencyModel`'s) or else the process's. Returns ``SampleResult(x, nfe=M)``.
     ``callback`` gets ``{i, t, s, x, x0, nfe}`` per step: ``t`` the level evaluated, ``s`` the next level (0 after
     the last), ``x0`` the consistency output, ``x`` the state handed to the next step (``x0`` after the last).
+    ``check_finite`` raises ``FloatingPointError`` naming the step when the model returns NaN or infinity.
     """
     if not isinstance(process, VE):
         raise ValueError(f"process: consistency sampling runs on the VE / EDM path, got {type(process).__name__}")
     if sigma_min is None:
         sigma_min = float(getattr(unwrap(model), "sigma_min", process.sigma_min))
     levels = _check_levels(grid, process, sigma_min)
-    if not isinstance(x_T, Tensor) or x_T.ndim < 1 or x_T.shape[0] < 1:
-        raise ValueError("x_T: expected a tensor of shape (B, ...) with B >= 1")
-    if not bool(torch.isfinite(x_T).all()):
-        raise ValueError("x_T: contains NaN or infinite values")
-    x = x_T if dtype is None else x_T.to(dtype)
+    # every sampler's checks of x_T, dtype and the model's dtype (the two-point grid [T, 0] is valid by construction)
+    x, _ = prepare(x_T, process, torch.tensor([levels[0], process.t_min], dtype=torch.float64), dtype, model)
     steps = range(len(levels))
     if progress:
         from tqdm.auto import tqdm
@@ -80,6 +79,8 @@ def sample_consistency(model: Callable, x_T: Tensor, process: Process, grid: Ten
             x = x + (tau**2 - sigma_min**2) ** 0.5 * randn_like(x, generator)
         x0 = predict(model, x, time_like(tau, x), process, "x0", cond)
         nfe += 1
+        if check_finite and not bool(torch.isfinite(x0).all()):
+            raise nonfinite_error("consistency", i, tau)
         x = x0
         report(callback, i=i, t=tau, s=levels[i + 1] if i + 1 < len(levels) else 0.0, x=x, x0=x0, nfe=nfe)
     return SampleResult(x, nfe)
