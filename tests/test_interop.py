@@ -401,7 +401,7 @@ def test_diffusers_adapter_matches_diffusers_and_its_scheduler(prediction_type):
         with torch.no_grad():
             direct = unet(x_t, index, class_labels=y).sample
             ours = model(x_t, t, y=y)
-            x0_ours = predict(model, x_t, t, process, kind="x0", y=y)
+            x0_ours = predict(model, x_t, t, process, kind="x0", cond={"y": y})
         torch.testing.assert_close(ours, direct, rtol=1e-6, atol=1e-6)
         assert not torch.equal(direct, unet(x_t, index, class_labels=(y + 1) % 4).sample)  # labels matter
         # the scheduler's own x0 estimate from the same network output

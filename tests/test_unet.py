@@ -4,7 +4,8 @@ import torch
 from atdiff.losses import DenoisingLoss
 from atdiff.networks import UNet, unet_cifar10, unet_cifar10_adm, unet_imagenet64, unet_small
 from atdiff.networks.unet import AttentionBlock, ResBlock, num_groups, qkv_permutation
-from atdiff.param import DiffusionModel, learned_variance_of, prediction_of
+from atdiff.param import learned_variance_of, prediction_of
+from atdiff.precond import ClassifierFreeGuidance, DiffusionModel, declare
 from atdiff.processes import VPDiscrete
 from atdiff.train import train_step
 
@@ -157,7 +158,8 @@ def test_unet_small_overfits_a_tiny_batch():
     final = evaluate(model)
     assert abs(initial - 1) < 0.1  # zero output: the loss is mean(eps^2)
     assert final < 0.5 * initial
-    assert final < evaluate(shrinkage)  # it learned the images, not just a per-time rescaling of x_t
+    # it learned the images, not just a per-time rescaling of x_t
+    assert final < evaluate(declare(shrinkage, prediction="eps"))
 
 
 def test_bf16_autocast_forward_is_close_to_fp32():
@@ -322,3 +324,20 @@ def test_attention_orders_are_permutations_of_each_other(order):
         assert (twin(x, t, y) - out).abs().max() > 1e-3 * out.abs().max()
     with pytest.raises(ValueError, match="^attention_order:"):
         adm_like(attention_order="old")
+
+
+def test_null_label_drives_classifier_free_guidance():
+    net = wake(adm_like(null_class=True)).eval()
+    process = VPDiscrete("cosine", T=100)
+    model = DiffusionModel(net, process)
+    x, _, y = inputs(net)
+    t = torch.tensor([3.0, 40.0, 70.0, 100.0])
+    with torch.no_grad():
+        cond = model(x, t, y=y)
+        uncond = model(x, t, y=torch.full_like(y, net.null_label))
+        outs = {s: ClassifierFreeGuidance(model, s, {"y": net.null_label})(x, t, y=y) for s in (0.0, 1.0, 3.0)}
+    tol = dict(rtol=1e-4, atol=1e-5 * cond.abs().max().item())  # a batch of 2B may sum in another order
+    torch.testing.assert_close(outs[1.0], cond, **tol)
+    torch.testing.assert_close(outs[0.0][:, :3], uncond[:, :3], **tol)
+    torch.testing.assert_close(outs[3.0][:, :3], 3 * cond[:, :3] - 2 * uncond[:, :3], **tol)
+    torch.testing.assert_close(outs[3.0][:, 3:], cond[:, 3:], **tol)  # the variance channels stay conditional
