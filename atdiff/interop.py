@@ -102,6 +102,13 @@ def _parse_ints(value: str | tuple | list, name: str) -> tuple[int, ...]:
 _DEFAULT_MULT = {32: (1, 2, 2, 2), 64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4), 256: (1, 1, 2, 2, 4, 4)}
 
 
+#: ADM flags that configure the diffusion or the training, not the network (accepted and ignored)
+_DIFFUSION_FLAGS = {"diffusion_steps", "noise_schedule", "timestep_respacing", "use_kl", "predict_xstart",
+                    "rescale_timesteps", "rescale_learned_sigmas", "sigma_small", "use_fp16", "lr", "weight_decay",
+                    "lr_anneal_steps", "batch_size", "microbatch", "ema_rate", "log_interval", "save_interval",
+                    "resume_checkpoint", "fp16_scale_growth", "schedule_sampler", "data_dir"}
+
+
 def unet_from_adm_flags(*, image_size: int, num_channels: int, num_res_blocks: int,
                         attention_resolutions: str | tuple = "16,8", channel_mult: str | tuple = "",
                         num_heads: int = 4, num_head_channels: int = -1, num_heads_upsample: int = -1,
@@ -112,10 +119,14 @@ def unet_from_adm_flags(*, image_size: int, num_channels: int, num_res_blocks: i
     """The library UNet for an ADM checkpoint trained with these command-line flags (guided-diffusion's
     ``model_and_diffusion_defaults`` names and defaults; ``attention_resolutions`` in pixels, ``channel_mult``
     empty for ADM's choice by image size). Diffusion-only flags (``diffusion_steps``, ``noise_schedule``,
-    ``use_fp16``, ...) are accepted and ignored, so a whole flag dict can be passed.
+    ``use_fp16``, training flags such as ``lr``) are accepted and ignored, so a whole flag dict can be passed;
+    any other name raises ``ValueError`` (a typo must not silently build another network).
 
     The network gets ADM's attention layout (``"new"`` iff ``use_new_attention_order``), so a checkpoint loads
     without permutation: ``load_adm_state_dict(net, sd, attention_order=net.attention_order)``."""
+    unknown = sorted(set(ignored) - _DIFFUSION_FLAGS)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not an ADM model or diffusion flag (unknown: {unknown})")
     mult = _parse_ints(channel_mult, "channel_mult")
     if not mult:
         if image_size not in _DEFAULT_MULT:

@@ -431,3 +431,22 @@ def test_diffusers_adapter_learned_range_and_bad_input():
         DiffusersModel(unet, process, prediction="noise")
     with pytest.raises(ValueError, match="^process:"):
         DiffusersModel(unet, VE(), prediction="eps")
+
+
+def test_adm_flags_build_adm_defaults_and_refuse_unknown_names():
+    with torch.device("meta"):  # ADM's ImageNet-64 flags: 296M parameters, nothing allocated
+        net = unet_from_adm_flags(image_size=64, num_channels=192, num_res_blocks=3,
+                                  attention_resolutions="32,16,8", num_head_channels=64, learn_sigma=True,
+                                  class_cond=True, resblock_updown=True, use_new_attention_order=True, dropout=0.1,
+                                  diffusion_steps=1000, noise_schedule="cosine", use_fp16=True)
+    assert sum(p.numel() for p in net.parameters()) == 295_904_454  # the library's unet_imagenet64 preset
+    assert net.channel_mult == (1, 2, 3, 4) and net.num_classes == 1000 and net.attention_order == "new"
+    assert net.attention_resolutions == (32, 16, 8) and net.out_channels == 6
+    assert {m.num_heads * 64 == m.qkv.in_channels for m in net.modules() if isinstance(m, AttentionBlock)} == {True}
+    assert unet_from_adm_flags(image_size=32, num_channels=32, num_res_blocks=1).channel_mult == (1, 2, 2, 2)
+    with pytest.raises(ValueError, match="^num_channel:"):
+        unet_from_adm_flags(image_size=32, num_channels=32, num_res_blocks=1, num_channel=64)
+    with pytest.raises(ValueError, match="^channel_mult:"):
+        unet_from_adm_flags(image_size=48, num_channels=32, num_res_blocks=1)
+    with pytest.raises(ValueError, match="^num_heads_upsample:"):
+        unet_from_adm_flags(image_size=32, num_channels=32, num_res_blocks=1, num_heads_upsample=2)
