@@ -136,11 +136,11 @@ def test_unet_small_overfits_a_tiny_batch():
     loss = DenoisingLoss(process)
     # a fixed evaluation set of (t, eps) on the same images, so the comparison is free of sampling noise
     x_eval = x0.repeat(4, 1, 1, 1)
-    t_eval, eps_eval = loss.draw(x_eval, torch.Generator().manual_seed(1))
+    record = loss.draw(x_eval, torch.Generator().manual_seed(1))
 
     def evaluate(m):
         with torch.no_grad():
-            return loss(m, x_eval, t=t_eval, eps=eps_eval).mean().item()
+            return loss.evaluate(m, x_eval, record).mean().item()
 
     # the best data-blind predictor of the form c(t) x_t (Gaussian shrinkage with the data's second moment)
     s2 = x0.pow(2).mean()
