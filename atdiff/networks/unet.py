@@ -393,7 +393,7 @@ def unet_cifar10(**overrides) -> UNet:
 
 
 def unet_cifar10_adm(**overrides) -> UNet:
-    """The CIFAR-10 network of Wang et al. 2025 (Sec. 5, their ADM setting): the ADM UNet (Dhariwal & Nichol
+    """The CIFAR-10 network of Wang et al. 2025 (their experiments' ADM setting): the ADM UNet (Dhariwal & Nichol
     2021) with 128 channels, mult (1, 2, 2, 2), 3 residual blocks, attention at 16x16 and 8x8 with 32
     channels per head, BigGAN-style up/down-sampling residual blocks, the new attention order, scale-shift
     norm, dropout 0.3 and learned sigma. Unlike :func:`unet_cifar10` (IDDPM's model: 4 heads, convolutional
