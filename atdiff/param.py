@@ -8,8 +8,9 @@ For a process with ``x_t = alpha x0 + sigma eps``:
 * ``score`` -- ``grad log q(x_t) = -eps / sigma``.
 
 A model is any callable ``model(x, t, **cond) -> prediction``; it declares what it predicts through an
-attribute ``prediction`` (default ``"eps"``). Samplers and losses call :func:`predict`, never re-derive a
-conversion. :class:`DiffusionModel` wraps a bare network into such a model.
+attribute ``prediction`` (:func:`prediction_of` looks through DDP, ``AveragedModel`` and ``torch.compile`` and
+refuses a model that declares nothing). Samplers and losses call :func:`predict`, never re-derive a conversion.
+:mod:`atdiff.precond` wraps bare networks into such models.
 
 A model with ``learned_variance = True`` (IDDPM) returns ``2 C`` channels along dim 1: the prediction and the
 variance interpolation ``v`` in ``[-1, 1]`` (:func:`split_learned_variance`). :func:`predict` drops ``v``, so
@@ -18,14 +19,14 @@ eps-only callers work unchanged; :func:`predict_with_variance` returns both from
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .processes import Process, expand_like
 
-__all__ = ["PREDICTIONS", "convert", "predict", "prediction_of", "DiffusionModel", "learned_variance_of",
+__all__ = ["PREDICTIONS", "convert", "predict", "prediction_of", "learned_variance_of", "unwrap",
            "split_learned_variance", "predict_with_variance", "learned_range_log_variance"]
 
 PREDICTIONS = ("eps", "x0", "v", "score")
@@ -71,17 +72,60 @@ def convert(pred: Tensor, x_t: Tensor, t: Tensor, process: Process, src: str, ds
     return -eps / s
 
 
+_WRAPPER_ATTRS = ("module", "_orig_mod")  # DDP / DataParallel / AveragedModel; torch.compile
+
+
+def _is_wrapper(model: object) -> bool:
+    """Whether ``model`` is a wrapper whose metadata lives on the wrapped module (DDP, DataParallel,
+    ``AveragedModel``, a ``torch.compile`` result)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+    from torch.optim.swa_utils import AveragedModel
+
+    if isinstance(model, DistributedDataParallel | DataParallel | AveragedModel):
+        return True
+    return isinstance(getattr(model, "_orig_mod", None), nn.Module)
+
+
+def unwrap(model: Callable) -> Callable:
+    """The innermost model behind DDP / DataParallel / ``AveragedModel`` / ``torch.compile`` wrappers."""
+    while _is_wrapper(model):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
+def _declared(model: Callable, name: str) -> object:
+    """The attribute ``name`` of ``model`` or of the first wrapped model that declares it (outermost first)."""
+    layer = model
+    while True:
+        value = getattr(layer, name, None)
+        if value is not None:
+            return value
+        if not _is_wrapper(layer):
+            return None
+        layer = getattr(layer, "_orig_mod", None) or layer.module
+
+
 def prediction_of(model: Callable) -> str:
-    """The declared prediction kind of ``model`` (its ``prediction`` attribute, default ``"eps"``)."""
-    kind = getattr(model, "prediction", "eps")
+    """The declared prediction kind of ``model`` (its ``prediction`` attribute), looking through DDP,
+    DataParallel, ``AveragedModel`` and ``torch.compile`` wrappers.
+
+    A model that declares nothing is an error, never a silent ``"eps"``: training an x0-model on the eps target
+    would run without a word. Declare with an attribute or :func:`atdiff.precond.declare`."""
+    kind = _declared(model, "prediction")
+    if kind is None:
+        raise ValueError(f"model: {type(model).__name__} does not declare what it predicts; set its attribute "
+                         f"`prediction` to one of {PREDICTIONS} or wrap it with atdiff.precond.declare(fn, "
+                         f"prediction=...)")
     _check_kind(kind, "model.prediction")
     return kind
 
 
 def learned_variance_of(model: Callable) -> bool:
     """Whether ``model`` returns a variance interpolation beside its prediction (attribute
-    ``learned_variance``, default False)."""
-    return bool(getattr(model, "learned_variance", False))
+    ``learned_variance``, looked up through wrappers as :func:`prediction_of`; False when the model declares its
+    ``prediction`` but not this)."""
+    prediction_of(model)  # a model that declares nothing is refused here too
+    return bool(_declared(model, "learned_variance") or False)
 
 
 def split_learned_variance(out: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,11 +147,11 @@ def learned_range_log_variance(v: Tensor, log_beta: Tensor, log_beta_tilde: Tens
 
 
 def predict_with_variance(model: Callable, x_t: Tensor, t: Tensor, process: Process, kind: str = "eps",
-                          **cond) -> tuple[Tensor, Tensor | None]:
+                          cond: Mapping[str, Any] | None = None) -> tuple[Tensor, Tensor | None]:
     """Like :func:`predict`, and also return the model's variance output ``v`` ``(B, ...)`` (None unless
     ``model.learned_variance``). One forward pass."""
     # the model sees t of shape (B,); a scalar t stays scalar for the conversion (same values, less work)
-    out = model(x_t, t.expand(x_t.shape[0]) if t.ndim == 0 else t, **cond)
+    out = model(x_t, t.expand(x_t.shape[0]) if t.ndim == 0 else t, **(cond or {}))
     v = None
     if learned_variance_of(model):
         out, v = split_learned_variance(out)
@@ -117,37 +161,12 @@ def predict_with_variance(model: Callable, x_t: Tensor, t: Tensor, process: Proc
     return convert(out, x_t, t, process, prediction_of(model), kind), v
 
 
-def predict(model: Callable, x_t: Tensor, t: Tensor, process: Process, kind: str = "eps", **cond) -> Tensor:
+def predict(model: Callable, x_t: Tensor, t: Tensor, process: Process, kind: str = "eps",
+            cond: Mapping[str, Any] | None = None) -> Tensor:
     """Evaluate ``model`` at ``(x_t, t)`` and return its prediction as ``kind``.
 
-    ``t`` may be a scalar tensor; it is broadcast to shape ``(B,)`` before the model sees it. The variance
-    output of a learned-variance model is dropped (see :func:`predict_with_variance`).
+    ``t`` may be a scalar tensor; it is broadcast to shape ``(B,)`` before the model sees it. ``cond`` is the
+    conditioning dict (class labels, ...), passed to the network untouched as ``model(x, t, **cond)``. The
+    variance output of a learned-variance model is dropped (see :func:`predict_with_variance`).
     """
-    return predict_with_variance(model, x_t, t, process, kind, **cond)[0]
-
-
-class DiffusionModel(nn.Module):
-    """Wrap a network ``net(x, time, **cond)`` into a model of declared ``prediction`` kind.
-
-    The network sees ``process.network_time(t)`` (e.g. ``1000 t`` for a continuous VP process), so the same
-    network class serves every process. ``learned_variance=True`` declares a network returning ``2 C``
-    channels (prediction, variance interpolation), e.g. a UNet with ``learn_sigma=True``. ``forward`` returns
-    the raw prediction; use :func:`predict` to get another kind.
-    """
-
-    def __init__(self, net: nn.Module, process: Process, prediction: str = "eps", *,
-                 learned_variance: bool = False) -> None:
-        super().__init__()
-        _check_kind(prediction, "prediction")
-        self.net = net
-        self.process = process
-        self.prediction = prediction
-        self.learned_variance = learned_variance
-
-    def forward(self, x: Tensor, t: Tensor, **cond) -> Tensor:
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t: expected shape ({x.shape[0]},) to match x, got {tuple(t.shape)}")
-        time = self.process.network_time(t).to(torch.promote_types(x.dtype, torch.float32))
-        return self.net(x, time, **cond)
+    return predict_with_variance(model, x_t, t, process, kind, cond)[0]

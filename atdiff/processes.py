@@ -79,10 +79,6 @@ class Process:
     def _sigma64(self, t: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def network_time(self, t: Tensor) -> Tensor:
-        """The time value a network is conditioned on (of order 1..1000, for sinusoidal embeddings)."""
-        return t.to(torch.get_default_dtype()) if not t.is_floating_point() else t
-
     # --- shared contract -----------------------------------------------------------------------
     def check_time(self, t: Tensor | float, name: str = "t") -> Tensor:
         """Validate that ``t`` lies in ``[t_min, t_max]`` and is finite; return it as a tensor."""
@@ -329,9 +325,6 @@ class VPContinuous(Process):
             (g,) = torch.autograd.grad(self._log_alpha64(t64).sum(), t64)
         return (-2 * g).to(_out_dtype(t))
 
-    def network_time(self, t: Tensor) -> Tensor:
-        return 1000.0 * t
-
 
 @dataclass(frozen=True, eq=False)
 class VE(Process):
@@ -362,10 +355,6 @@ class VE(Process):
 
     def _t_from_log_snr64(self, log_snr: Tensor) -> Tensor:
         return (-0.5 * log_snr).exp()
-
-    def network_time(self, t: Tensor) -> Tensor:
-        # EDM's c_noise = log(sigma) / 4, scaled to the range sinusoidal embeddings resolve
-        return 250.0 * t.clamp_min(1e-20).log()
 
 
 def make_process(name: str, **kwargs) -> Process:

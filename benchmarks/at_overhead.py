@@ -37,8 +37,8 @@ from tqdm import tqdm
 from atdiff.losses import DenoisingLoss
 from atdiff.networks.embeddings import sinusoidal_embedding
 from atdiff.networks.mlp import MLP
-from atdiff.param import DiffusionModel
 from atdiff.perturb import PAPER_REPLAY, Perturber, input_perturbation, paper_at
+from atdiff.precond import DiffusionModel
 from atdiff.processes import VPDiscrete
 from atdiff.train import free_at_step, train_step
 

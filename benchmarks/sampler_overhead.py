@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from atdiff.networks.mlp import MLP
-from atdiff.param import DiffusionModel
+from atdiff.precond import DiffusionModel
 from atdiff.processes import VPDiscrete
 from atdiff.samplers import REGISTRY, sample
 

@@ -6,8 +6,8 @@ import torch
 
 from atdiff.losses import DenoisingLoss
 from atdiff.networks.mlp import MLP
-from atdiff.param import DiffusionModel
 from atdiff.perturb import Perturber, input_perturbation, paper_at, per_sample_norm
+from atdiff.precond import DiffusionModel
 from atdiff.processes import VPDiscrete
 from atdiff.train import EMA, free_at_step, train_step
 

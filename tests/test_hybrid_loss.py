@@ -17,8 +17,9 @@ from atdiff.losses import (
     split_learned_variance,
 )
 from atdiff.networks.mlp import MLP
-from atdiff.param import DiffusionModel, predict, predict_with_variance
+from atdiff.param import predict, predict_with_variance
 from atdiff.perturb import paper_at
+from atdiff.precond import DiffusionModel
 from atdiff.processes import VE, VPDiscrete
 from atdiff.train import free_at_step, train_step
 

@@ -6,7 +6,7 @@ import torch
 from atdiff.checkpoint import load_checkpoint, save_checkpoint, seed_everything
 from atdiff.losses import DenoisingLoss, denoising_loss, sample_times
 from atdiff.networks.mlp import MLP
-from atdiff.param import DiffusionModel
+from atdiff.precond import DiffusionModel
 from atdiff.processes import VE, VPContinuous, VPDiscrete
 from atdiff.train import EMA, train_step
 

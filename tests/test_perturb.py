@@ -9,7 +9,6 @@ from hypothesis.extra.numpy import arrays
 
 from atdiff.losses import DenoisingLoss, denoising_loss
 from atdiff.networks.mlp import MLP
-from atdiff.param import DiffusionModel
 from atdiff.perturb import (
     PAPER_REPLAY,
     Perturber,
@@ -23,6 +22,7 @@ from atdiff.perturb import (
     per_sample_norm,
     rms_radius,
 )
+from atdiff.precond import DiffusionModel
 from atdiff.processes import VPDiscrete
 
 

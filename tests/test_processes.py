@@ -5,7 +5,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from atdiff.param import DiffusionModel, convert, predict
+from atdiff.param import convert, predict
+from atdiff.precond import DiffusionModel
 from atdiff.processes import VE, VPContinuous, VPDiscrete, discrete_betas, make_process
 
 PROCESSES = [VPDiscrete("linear"), VPDiscrete("cosine"), VPDiscrete("linear", T=50), VPContinuous(),

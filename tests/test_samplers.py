@@ -444,7 +444,7 @@ def test_every_sampler_by_name_is_reproducible_differentiable_and_reports(name):
 
 def test_samplers_run_a_float32_network():
     from atdiff.networks.mlp import MLP
-    from atdiff.param import DiffusionModel
+    from atdiff.precond import DiffusionModel
 
     torch.manual_seed(0)
     process = VPDiscrete("cosine")

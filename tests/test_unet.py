@@ -4,7 +4,7 @@ import torch
 from atdiff.losses import DenoisingLoss
 from atdiff.networks import UNet, unet_cifar10, unet_imagenet64, unet_small
 from atdiff.networks.unet import ResBlock, num_groups
-from atdiff.param import DiffusionModel
+from atdiff.precond import DiffusionModel
 from atdiff.processes import VPDiscrete
 from atdiff.train import train_step
 

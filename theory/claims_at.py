@@ -238,7 +238,7 @@ def _kl_ball_radius(eta0: float | Tensor, sigma: Tensor) -> Tensor:
 def _random_mlp(d: int, process: Process, gen: torch.Generator) -> nn.Module:
     """A small time-conditioned MLP (``atdiff.networks.MLP``) with random output weights, float64."""
     from atdiff.networks.mlp import MLP
-    from atdiff.param import DiffusionModel
+    from atdiff.precond import DiffusionModel
 
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
     net = MLP(d, hidden=16, depth=2, time_dim=16)

@@ -24,7 +24,7 @@ from atdiff.checkpoint import seed_everything
 from atdiff.losses import DenoisingLoss
 from atdiff.metrics import mode_statistics
 from atdiff.networks import MLP
-from atdiff.param import DiffusionModel
+from atdiff.precond import DiffusionModel
 from atdiff.processes import VPDiscrete
 from atdiff.samplers import REGISTRY, sample, sampler_help
 from atdiff.train import EMA, train_step
