@@ -2,44 +2,68 @@
 
 The building block is the pure function :func:`denoising_loss`: the per-sample regression loss of a model
 at the (possibly perturbed) input ``x_t + delta``, against the target of the chosen parametrisation.
-:class:`DenoisingLoss` adds the sampling of ``t`` and ``eps`` and the hook where a perturber (adversarial or
-random, see :mod:`atdiff.perturb`) chooses ``delta``; every training variant goes through the same function.
 
-Target modes for a perturbed input ``x~ = x_t + delta`` (method.md section 3):
+Every loss object follows one protocol (the training steps and the perturbers rely on nothing else):
+
+* ``record = loss.draw(x0, generator)`` -- an explicit record of what is random per minibatch
+  (:class:`LossDraw`: times ``t`` ``(B,)``, noise ``(B, ...)``, importance weights ``(B,)`` or None);
+* ``loss.evaluate(model, x0, record, delta, cond=...) -> (B,)`` -- the per-sample loss at the perturbation
+  ``delta`` (None: clean), without importance weights; the loss owns its target mode;
+* ``loss(model, x0, record=..., perturber=..., cond=...) -> (B,)`` -- draw if needed, let the perturber choose
+  ``delta`` (:func:`evaluate_loss`), and apply the importance weights (:func:`importance_weighted`);
+* ``loss.observe(record, losses)`` -- feed an importance sampler with per-sample losses (a no-op without one);
+  the caller calls it, after a DDP all-gather where there is one;
+* ``loss.process`` -- the forward process (the perturbers' budgets depend on ``sigma_t``).
+
+Target modes for a perturbed input ``x~ = x_t + delta`` (docs/objective.md; Wang et al. 2025, Sec. 3):
 
 * ``invariant``: the target of the clean pair ``(x0, eps)``;
 * ``equivariant``: the target of ``(x0, eps + delta / sigma_t)``, the noise that explains ``x~`` with ``x0``
   fixed (for an eps-model: ``eps + delta / sqrt(1 - abar_t)``); gradient flows through ``delta``;
 * ``equivariant-detached``: the same target with ``delta`` detached (the reference recipe).
 
-:class:`HybridLoss` is IDDPM's ``L_simple + lambda L_vlb`` for a learned-variance model, with the same
-contract (``draw``, ``at``, ``__call__``), so the same perturbers plug in.
+:class:`HybridLoss` is IDDPM's ``L_simple + lambda L_vlb`` for a learned-variance model, with the same protocol,
+so the same perturbers and training steps plug in.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .param import (
-    PREDICTIONS,
-    convert,
-    learned_range_log_variance,
-    predict,
-    predict_with_variance,
-    split_learned_variance,
-)
-from .processes import Process, VPDiscrete, check_finite, expand_like
+from .param import PREDICTIONS, convert, learned_range_log_variance, predict, predict_with_variance
+from .processes import Process, VPDiscrete, expand_like
+from .validate import check_choice, check_finite, check_int, check_real
 
-__all__ = ["TARGET_MODES", "denoising_target", "perturbed_input", "denoising_loss", "sample_times",
-           "DenoisingLoss", "evaluate_loss", "normal_kl", "discretized_gaussian_log_likelihood",
-           "LossSecondMomentSampler", "HybridLoss", "split_learned_variance"]
+__all__ = ["TARGET_MODES", "LossDraw", "denoising_target", "perturbed_input", "denoising_loss", "sample_times",
+           "DenoisingLoss", "evaluate_loss", "importance_weighted", "check_batch", "normal_kl",
+           "discretized_gaussian_log_likelihood", "LossSecondMomentSampler", "HybridLoss"]
 
 TARGET_MODES = ("invariant", "equivariant", "equivariant-detached")
+
+
+class LossDraw(NamedTuple):
+    """What a loss draws once per minibatch: times ``t`` ``(B,)``, noise ``(B, ...)`` and importance weights
+    ``(B,)`` (None for the uniform law). Passed back unchanged for each of the ``K`` passes of free AT."""
+
+    t: Tensor
+    noise: Tensor
+    weight: Tensor | None = None
+
+
+def check_batch(x0: Tensor, name: str = "x0") -> Tensor:
+    """A finite batch ``(B, ...)`` with ``B >= 1`` (entry check of every loss and training step)."""
+    check_finite(x0, name)
+    if x0.ndim < 1 or x0.shape[0] < 1:
+        raise ValueError(f"{name}: expected a batch of shape (B, ...) with B >= 1, got {tuple(x0.shape)}")
+    if not x0.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got {x0.dtype}")
+    return x0
 
 
 def denoising_target(x0: Tensor, eps: Tensor, t: Tensor, process: Process, kind: str) -> Tensor:
@@ -62,8 +86,7 @@ def perturbed_input(x0: Tensor, eps: Tensor, t: Tensor, process: Process, delta:
 
     Shapes: ``x0``, ``eps``, ``delta`` ``(B, ...)``; ``t`` ``(B,)``. Returns both ``(B, ...)``.
     """
-    if target_mode not in TARGET_MODES:
-        raise ValueError(f"target_mode: expected one of {TARGET_MODES}, got {target_mode!r}")
+    check_choice(target_mode, TARGET_MODES, "target_mode")
     if t.shape != (x0.shape[0],):
         raise ValueError(f"t: expected shape ({x0.shape[0]},) to match x0, got {tuple(t.shape)}")
     x_t = process.add_noise(x0, eps, t, validate=False)  # checked once at the entry (evaluate_loss)
@@ -80,16 +103,17 @@ def perturbed_input(x0: Tensor, eps: Tensor, t: Tensor, process: Process, delta:
 
 def denoising_loss(model: Callable, x0: Tensor, t: Tensor, eps: Tensor, process: Process, *,
                    target: str = "eps", delta: Tensor | None = None, target_mode: str = "invariant",
-                   weight: Tensor | None = None) -> Tensor:
+                   weight: Tensor | None = None, cond: Mapping[str, Any] | None = None) -> Tensor:
     """Per-sample loss ``w(t) * mean ||pred(x_t + delta, t) - target||^2``.
 
     Shapes: ``x0``, ``eps``, ``delta`` ``(B, ...)``; ``t`` ``(B,)``; ``weight`` ``(B,)`` or None.
     Returns ``(B,)``. The model's own prediction kind is converted to ``target`` through
-    :func:`atdiff.param.predict`. Shapes are checked here; finiteness and the range of ``t`` are checked once
-    per batch by :func:`evaluate_loss` (this function is the inner loop of an attack).
+    :func:`atdiff.param.predict`; ``cond`` goes to the network untouched. Shapes are checked here; finiteness
+    and the range of ``t`` are checked once per batch by :func:`evaluate_loss` (this function is the inner loop
+    of an attack).
     """
     x_t, eps_target = perturbed_input(x0, eps, t, process, delta, target_mode)
-    pred = predict(model, x_t, t, process, target)
+    pred = predict(model, x_t, t, process, target, cond)
     err = (pred - denoising_target(x0, eps_target, t, process, target)) ** 2
     loss = err.flatten(1).mean(1)
     return loss if weight is None else loss * weight
@@ -108,59 +132,79 @@ def sample_times(process: Process, n: int, *, device: torch.device | str | None 
 
 @dataclass(frozen=True)
 class DenoisingLoss:
-    """The denoising loss with its sampling of ``t`` and ``eps``: ``loss(model, x0) -> (B,)``.
+    """The denoising loss with its sampling of ``t`` and ``eps`` (the protocol of the module docstring).
 
-    ``weighting(t) -> (B,)`` multiplies the per-sample loss (None: uniform). A ``perturber`` passed at call
-    time picks ``delta`` (it gets a closure ``delta -> per-sample loss``) and fixes the target mode.
+    ``target``: the regression target (``eps``, ``x0``, ``v``, ``score``); ``target_mode``: how the target
+    follows a perturbation of the input (``invariant``, ``equivariant``, ``equivariant-detached``: the
+    paper's recipe); ``weighting(t) -> (B,)`` multiplies the per-sample loss (None: uniform).
     """
 
     process: Process
     target: str = "eps"
+    target_mode: str = "invariant"
     weighting: Callable[[Tensor], Tensor] | None = None
 
     def __post_init__(self) -> None:
-        if self.target not in PREDICTIONS:
-            raise ValueError(f"target: expected one of {PREDICTIONS}, got {self.target!r}")
+        check_choice(self.target, PREDICTIONS, "target")
+        check_choice(self.target_mode, TARGET_MODES, "target_mode")
 
-    def draw(self, x0: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Draw training times ``(B,)`` and noise ``(B, ...)`` for a batch ``x0``."""
+    def draw(self, x0: Tensor, generator: torch.Generator | None = None) -> LossDraw:
+        """Draw training times ``(B,)`` (uniform, :func:`sample_times`) and noise ``(B, ...)`` for ``x0``."""
         t = sample_times(self.process, x0.shape[0], device=x0.device, generator=generator)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return t.to(x0.dtype), eps
+        return LossDraw(t.to(x0.dtype), eps)
 
-    def at(self, model: Callable, x0: Tensor, t: Tensor, eps: Tensor, delta: Tensor | None = None,
-           target_mode: str = "invariant") -> Tensor:
-        """The per-sample loss at fixed ``t``, ``eps`` and perturbation ``delta``. Shape ``(B,)``."""
-        weight = None if self.weighting is None else self.weighting(t)
-        return denoising_loss(model, x0, t, eps, self.process, target=self.target, delta=delta,
-                              target_mode=target_mode, weight=weight)
+    def evaluate(self, model: Callable, x0: Tensor, record: LossDraw, delta: Tensor | None = None, *,
+                 cond: Mapping[str, Any] | None = None) -> Tensor:
+        """The per-sample loss ``(B,)`` at the drawn ``record`` and perturbation ``delta`` (no importance
+        weights)."""
+        weight = None if self.weighting is None else self.weighting(record.t)
+        return denoising_loss(model, x0, record.t, record.noise, self.process, target=self.target, delta=delta,
+                              target_mode=self.target_mode, weight=weight, cond=cond)
 
-    def __call__(self, model: Callable, x0: Tensor, *, t: Tensor | None = None, eps: Tensor | None = None,
-                 perturber=None, generator: torch.Generator | None = None) -> Tensor:
-        return evaluate_loss(self, model, x0, t, eps, perturber, generator)
+    def observe(self, record: LossDraw, losses: Tensor) -> None:
+        """No importance sampler to feed (the protocol's hook)."""
+
+    def __call__(self, model: Callable, x0: Tensor, *, record: LossDraw | None = None, perturber=None,
+                 cond: Mapping[str, Any] | None = None, generator: torch.Generator | None = None) -> Tensor:
+        record = self.draw(x0, generator) if record is None else record
+        return importance_weighted(evaluate_loss(self, model, x0, record, perturber=perturber, cond=cond,
+                                                 generator=generator), record)
 
 
-def evaluate_loss(loss, model: Callable, x0: Tensor, t: Tensor | None, eps: Tensor | None, perturber=None,
-                  generator: torch.Generator | None = None) -> Tensor:
-    """One evaluation of a loss object (``draw``, ``at``, ``process``: :class:`DenoisingLoss`, :class:`HybridLoss`)
-    on ``x0`` ``(B, ...)``: draw whichever of ``t``, ``eps`` is missing, let the ``perturber`` pick ``delta``
-    from a closure ``delta -> per-sample loss`` (it also fixes the target mode), and return the per-sample loss
-    ``(B,)`` at that ``delta``. The single place where a perturber meets a loss, and where its inputs are
-    checked (finite ``x0``, ``t``, ``eps``; ``t`` in the process's range) before the inner loop runs."""
-    check_finite(x0, "x0")
-    if t is not None:
-        loss.process.check_time(t)
-    if eps is not None:
-        check_finite(eps, "eps")
-    if t is None or eps is None:
-        t_draw, eps_draw = loss.draw(x0, generator)
-        t = t_draw if t is None else t
-        eps = eps_draw if eps is None else eps
+def importance_weighted(losses: Tensor, record: LossDraw) -> Tensor:
+    """Per-sample ``losses`` ``(B,)`` times the record's importance weights (as is without them)."""
+    return losses if record.weight is None else losses * record.weight.to(losses.dtype)
+
+
+def evaluate_loss(loss: Any, model: Callable, x0: Tensor, record: LossDraw, *, perturber=None,
+                  cond: Mapping[str, Any] | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """One evaluation of a loss object (the protocol of the module docstring) on ``x0`` ``(B, ...)`` at the drawn
+    ``record``: the ``perturber`` (if any) picks ``delta`` from the closure ``delta -> per-sample loss``, and the
+    per-sample loss ``(B,)`` at that ``delta`` is returned, without importance weights. The single place where a
+    perturber meets a loss, and where its inputs are checked (finite ``x0``, times in the process's range, finite
+    noise of ``x0``'s shape) before the inner loop runs."""
+    check_batch(x0)
+    check_record(record, x0, loss.process)
     if perturber is None:
-        return loss.at(model, x0, t, eps)
-    mode = perturber.target_mode
-    delta = perturber(lambda d: loss.at(model, x0, t, eps, d, mode), x0, t, loss.process, generator=generator)
-    return loss.at(model, x0, t, eps, delta, mode)
+        return loss.evaluate(model, x0, record, cond=cond)
+    delta = perturber(lambda d: loss.evaluate(model, x0, record, d, cond=cond), x0, record.t, loss.process,
+                      generator=generator)
+    return loss.evaluate(model, x0, record, delta, cond=cond)
+
+
+def check_record(record: LossDraw, x0: Tensor, process: Process) -> None:
+    """Validate a drawn record against the batch ``x0`` (entry check; synchronises with the device)."""
+    if not hasattr(record, "t") or not hasattr(record, "noise"):
+        raise ValueError(f"record: expected a LossDraw (t, noise, weight) from loss.draw, got "
+                         f"{type(record).__name__}")
+    if record.t.shape != (x0.shape[0],):
+        raise ValueError(f"record: t must have shape ({x0.shape[0]},), got {tuple(record.t.shape)}")
+    process.check_time(record.t, "record.t")
+    if record.noise.shape != x0.shape:
+        raise ValueError(f"record: noise must have the shape of x0 {tuple(x0.shape)}, got "
+                         f"{tuple(record.noise.shape)}")
+    check_finite(record.noise, "record.noise")
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
@@ -204,10 +248,8 @@ class LossSecondMomentSampler:
     """
 
     def __init__(self, T: int, history: int = 10, uniform_prob: float = 0.001) -> None:
-        if not isinstance(T, int) or T < 1 or not isinstance(history, int) or history < 1:
-            raise ValueError(f"T, history: expected integers >= 1, got {T!r}, {history!r}")
-        if not 0.0 <= uniform_prob <= 1.0:
-            raise ValueError(f"uniform_prob: expected a value in [0, 1], got {uniform_prob}")
+        T, history = check_int(T, "T", 1), check_int(history, "history", 1)
+        uniform_prob = check_real(uniform_prob, "uniform_prob", 0.0, 1.0)
         self.T, self.history, self.uniform_prob = T, history, uniform_prob
         self.losses = torch.zeros(T, history, dtype=torch.float64)
         self.counts = torch.zeros(T, dtype=torch.long)
@@ -241,9 +283,17 @@ class LossSecondMomentSampler:
         return (1.0 / (self.T * p[t.detach().long().cpu() - 1])).to(device=t.device, dtype=t.dtype)
 
     def update(self, t: Tensor, losses: Tensor) -> None:
-        """Record per-sample ``losses`` ``(B,)`` at times ``t`` ``(B,)`` (the oldest entry drops out)."""
-        for ti, li in zip(t.detach().long().cpu().tolist(), losses.detach().double().cpu().tolist(),
-                          strict=True):
+        """Record per-sample ``losses`` ``(B,)`` at integer times ``t`` ``(B,)`` in ``1..T`` (the oldest entry
+        drops out). Times off the grid and non-finite losses are refused (they would corrupt the law)."""
+        t64, l64 = t.detach().double().cpu().reshape(-1), losses.detach().double().cpu().reshape(-1)
+        if t64.shape != l64.shape:
+            raise ValueError(f"losses: expected one loss per time ({t64.numel()}), got {l64.numel()}")
+        if bool(((t64 < 1) | (t64 > self.T) | (t64 != t64.round())).any()):
+            raise ValueError(f"t: expected integer times in 1..{self.T}, got range [{t64.min().item()}, "
+                             f"{t64.max().item()}]")
+        if not bool(torch.isfinite(l64).all()):
+            raise ValueError("losses: contains NaN or infinite values")
+        for ti, li in zip(t64.long().tolist(), l64.tolist(), strict=True):
             k = ti - 1
             if self.counts[k] == self.history:
                 self.losses[k, :-1] = self.losses[k, 1:].clone()
@@ -264,8 +314,8 @@ class HybridLoss:
     """IDDPM's hybrid loss ``L_simple + lambda L_vlb`` for a learned-variance model (``lambda = vlb_weight``).
 
     The model has ``learned_variance = True`` and returns ``(eps, v)`` (``2 C`` channels, see
-    :func:`split_learned_variance`); ``v`` in ``[-1, 1]`` sets ``log var = f log beta_t + (1 - f) log
-    beta_tilde_t``, ``f = (v + 1) / 2`` (:func:`~atdiff.param.learned_range_log_variance`). Per sample::
+    :func:`~atdiff.param.split_learned_variance`); ``v`` in ``[-1, 1]`` sets ``log var = f log beta_t + (1 - f)
+    log beta_tilde_t``, ``f = (v + 1) / 2`` (:func:`~atdiff.param.learned_range_log_variance`). Per sample::
 
         mse  = mean ||eps_hat - eps_target||^2              (the target mode as in DenoisingLoss)
         vb   = KL(q(x_{t-1} | x_in, x0) || p(x_{t-1} | x_in)) / (D log 2)              for t > 1
@@ -275,51 +325,44 @@ class HybridLoss:
     in bits per dimension, with ``x_in = x_t + delta`` the (perturbed) network input. ``L_vlb`` is the sum
     over the ``T`` steps, so ``lambda L_vlb`` per drawn ``t`` is ``lambda T vb`` (improved-diffusion's
     ``vb * T / 1000`` for ``lambda = 0.001``). In ``vb`` the model mean uses ``eps_hat.detach()`` (only the
-    variance learns from it), and the true posterior is that of the clean ``x0`` at the network input
-    (method.md section 2: the KL of the DRO objective); ``beta_tilde_1 = 0`` is replaced by
-    ``beta_tilde_2`` (IDDPM's clipped log variance).
+    variance learns from it), and the true posterior is that of the clean ``x0`` at the network input (the
+    per-step KL of the DRO objective, docs/objective.md); ``beta_tilde_1 = 0`` is replaced by ``beta_tilde_2``
+    (IDDPM's clipped log variance).
 
-    ``importance_sampling=True`` draws ``t`` from a :class:`LossSecondMomentSampler`: times drawn by
-    :meth:`draw` are weighted by ``1 / (T p_t)`` in :meth:`at`, and the unweighted loss of the last
-    :meth:`at` evaluation after each draw is recorded (by :meth:`__call__`, else at the next :meth:`draw`),
-    so free adversarial training (``draw`` once, ``at`` K times) feeds the sampler too.
+    ``importance_sampling=True`` draws ``t`` from a :class:`LossSecondMomentSampler` (``time_sampler``): the
+    record carries the weights ``1 / (T p_t)``, and the caller feeds the sampler with :meth:`observe`. The loss
+    holds no other state; :meth:`state_dict` is the sampler's history.
     """
 
     def __init__(self, process: VPDiscrete, vlb_weight: float = 0.001, importance_sampling: bool = False,
-                 history: int = 10) -> None:
+                 history: int = 10, target_mode: str = "invariant") -> None:
         if not isinstance(process, VPDiscrete):
             raise ValueError(f"process: the hybrid loss needs a VPDiscrete process, got {process!r}")
-        if not vlb_weight >= 0:
-            raise ValueError(f"vlb_weight: expected >= 0, got {vlb_weight}")
-        self.process, self.vlb_weight = process, float(vlb_weight)
+        check_choice(target_mode, TARGET_MODES, "target_mode")
+        self.process, self.vlb_weight = process, check_real(vlb_weight, "vlb_weight", 0.0)
+        self.target_mode = target_mode
         self.time_sampler = LossSecondMomentSampler(process.T, history) if importance_sampling else None
-        self._drawn: Tensor | None = None
-        self._pending: tuple[Tensor, Tensor] | None = None
 
-    def _commit(self) -> None:
-        if self._pending is not None and self.time_sampler is not None:
-            self.time_sampler.update(*self._pending)
-        self._pending = None
-
-    def draw(self, x0: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Draw training times ``(B,)`` (uniform on ``1..T``, or importance-sampled), noise ``(B, ...)``."""
-        self._commit()
+    def draw(self, x0: Tensor, generator: torch.Generator | None = None) -> LossDraw:
+        """Draw training times ``(B,)`` (uniform on ``1..T``, or importance-sampled with their weights) and noise
+        ``(B, ...)``."""
+        weight = None
         if self.time_sampler is None:
             t = sample_times(self.process, x0.shape[0], device=x0.device, generator=generator)
         else:
-            t = self.time_sampler.sample(x0.shape[0], device=x0.device, generator=generator)[0]
+            t, weight = self.time_sampler.sample(x0.shape[0], device=x0.device, generator=generator)
+            weight = weight.to(x0.dtype)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        self._drawn = t.to(x0.dtype)
-        return self._drawn, eps
+        return LossDraw(t.to(x0.dtype), eps, weight)
 
-    def terms(self, model: Callable, x0: Tensor, t: Tensor, eps: Tensor, delta: Tensor | None = None,
-              target_mode: str = "invariant") -> dict[str, Tensor]:
+    def terms(self, model: Callable, x0: Tensor, t: Tensor, eps: Tensor, delta: Tensor | None = None, *,
+              cond: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
         """The per-sample ``{"mse", "vb", "loss"}``, each ``(B,)`` (unweighted; ``vb`` in bits/dim)."""
         p = self.process
         if bool(((t < 1) | (t > p.T) | (t != t.round())).any()):
             raise ValueError(f"t: the hybrid loss needs integer times in 1..{p.T}")
-        x_in, eps_target = perturbed_input(x0, eps, t, p, delta, target_mode)
-        eps_hat, v = predict_with_variance(model, x_in, t, p, "eps")
+        x_in, eps_target = perturbed_input(x0, eps, t, p, delta, self.target_mode)
+        eps_hat, v = predict_with_variance(model, x_in, t, p, "eps", cond)
         if v is None:
             raise ValueError("model: the hybrid loss needs a model with learned_variance = True")
         mse = ((eps_hat - eps_target) ** 2).flatten(1).mean(1)
@@ -336,21 +379,21 @@ class HybridLoss:
         vb = torch.where(t == 1, nll, kl) / math.log(2.0)
         return {"mse": mse, "vb": vb, "loss": mse + (self.vlb_weight * p.T) * vb}
 
-    def at(self, model: Callable, x0: Tensor, t: Tensor, eps: Tensor, delta: Tensor | None = None,
-           target_mode: str = "invariant") -> Tensor:
-        """The per-sample hybrid loss at fixed ``t``, ``eps`` and ``delta``, times the importance weight for
-        times from :meth:`draw`. Shape ``(B,)``."""
-        loss = self.terms(model, x0, t, eps, delta, target_mode)["loss"]
-        if self.time_sampler is None or t is not self._drawn:
-            return loss
-        self._pending = (t, loss.detach())
-        return loss * self.time_sampler.weights(t)
+    def evaluate(self, model: Callable, x0: Tensor, record: LossDraw, delta: Tensor | None = None, *,
+                 cond: Mapping[str, Any] | None = None) -> Tensor:
+        """The per-sample hybrid loss ``(B,)`` at the drawn ``record`` and ``delta`` (no importance weights)."""
+        return self.terms(model, x0, record.t, record.noise, delta, cond=cond)["loss"]
 
-    def __call__(self, model: Callable, x0: Tensor, *, t: Tensor | None = None, eps: Tensor | None = None,
-                 perturber=None, generator: torch.Generator | None = None) -> Tensor:
-        loss = evaluate_loss(self, model, x0, t, eps, perturber, generator)
-        self._commit()
-        return loss
+    def observe(self, record: LossDraw, losses: Tensor) -> None:
+        """Record per-sample (unweighted) ``losses`` ``(B,)`` at the record's times in the importance sampler."""
+        if self.time_sampler is not None:
+            self.time_sampler.update(record.t, losses)
+
+    def __call__(self, model: Callable, x0: Tensor, *, record: LossDraw | None = None, perturber=None,
+                 cond: Mapping[str, Any] | None = None, generator: torch.Generator | None = None) -> Tensor:
+        record = self.draw(x0, generator) if record is None else record
+        return importance_weighted(evaluate_loss(self, model, x0, record, perturber=perturber, cond=cond,
+                                                 generator=generator), record)
 
     def state_dict(self) -> dict:
         """The importance sampler's history (empty without importance sampling), for checkpoints."""

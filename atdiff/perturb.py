@@ -9,21 +9,24 @@ One object, :class:`Perturber`, covers random and adversarial perturbations; its
 * ``budget``: how the per-sample radius ``r`` follows from ``radius`` (see :data:`BUDGETS`):
   ``absolute`` (``r = radius``), ``rms`` (per-pixel RMS, ``r = radius * sqrt(d)``, the reference recipe),
   ``noise-rms`` (per-pixel RMS in units of ``sigma_t``: ``r = radius * sigma_t * sqrt(d)``, Input
-  Perturbation) and ``kl`` (``radius`` is the KL radius ``eta0``: ``r = sqrt(2 eta0) sigma_t``,
-  method.md section 2);
+  Perturbation) and ``kl`` (``radius`` is the KL radius ``eta0``: ``r = sqrt(2 eta0) sigma_t``, the DRO ball
+  of docs/objective.md);
 * ``steps``, ``step_size`` (with ``step_units``: an absolute length or a fraction of ``r``), ``step_rule``
   (``l2``: the per-sample l2-normalised gradient; ``sign``: its sign) and ``init`` (``zero``, ``uniform`` in
-  the ball, ``gaussian`` projected onto it);
-* ``target_mode``: ``invariant`` / ``equivariant`` / ``equivariant-detached`` (see :mod:`atdiff.losses`).
+  the ball, ``gaussian`` projected onto it).
+
+A perturber only chooses ``delta``: how the regression target follows it (``invariant`` / ``equivariant`` /
+``equivariant-detached``) is the loss's ``target_mode`` (:mod:`atdiff.losses`).
 
 A perturber is called by a loss as ``perturber(closure, x0, t, process, generator=...) -> delta`` where
 ``closure(delta) -> (B,)`` is the per-sample loss at the perturbed input. The attack differentiates with
 ``torch.autograd.grad`` with respect to ``delta`` only, so model parameter gradients never change.
-The free-AT training loop (:func:`atdiff.train.free_at_step`) reuses :meth:`Perturber.radius`,
-:meth:`Perturber.init_delta` and :meth:`Perturber.ascend`.
+The free-AT training loop (:func:`atdiff.train.free_at_step`) reuses :meth:`Perturber.radius_for`,
+:meth:`Perturber.init_delta` and :meth:`Perturber.ascend`: one ascent step per pass, so it takes the single-step
+kind ``fgsm`` and the number of passes ``K`` is its own argument.
 
-Presets: :func:`input_perturbation` (Ning et al. 2023), :func:`paper_at` (Wang et al. 2025, reference
-recipe) and :func:`kl_ball_at` (the DRO ball of KL radius ``eta0``).
+Presets: :func:`input_perturbation` (Ning et al. 2023), :func:`paper_at` (Wang et al. 2025, Algorithm 1's
+settings) and :func:`kl_ball_at` (the DRO ball of KL radius ``eta0``).
 """
 
 from __future__ import annotations
@@ -36,11 +39,12 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from .losses import TARGET_MODES
 from .processes import Process, expand_like
+from .validate import check_choice
 
 __all__ = [
-    "KINDS", "NORMS", "BUDGETS", "INITS", "STEP_RULES", "STEP_UNITS", "PAPER_REPLAY",
+    "KINDS", "NORMS", "BUDGETS", "INITS", "STEP_RULES", "STEP_UNITS", "PAPER_REPLAY", "PAPER_TARGET_MODE",
+    "GRAD_NORM_FLOOR",
     "rms_radius", "noise_rms_radius", "kl_ball_radius", "mean_shift_kl", "gaussian_std",
     "per_sample_norm", "project_l2", "project_linf", "delta_gradient", "Perturber",
     "input_perturbation", "paper_at", "kl_ball_at",
@@ -52,8 +56,13 @@ BUDGETS = ("absolute", "rms", "noise-rms", "kl")
 INITS = ("zero", "uniform", "gaussian")
 STEP_RULES = ("l2", "sign")
 STEP_UNITS = ("absolute", "radius")
-#: the reference recipe's number of passes per minibatch in free AT (method.md section 4)
+#: Algorithm 1's number of passes per minibatch in free AT (the authors' recipe)
 PAPER_REPLAY = 3
+#: the target mode of the authors' recipe: the equivariant target with delta detached
+PAPER_TARGET_MODE = "equivariant-detached"
+#: the floor of the l2 normalisation ``g / max(||g||, floor)`` (the authors' value): a sample whose gradient is
+#: smaller takes a proportionally shorter step instead of a full step in a direction set by round-off
+GRAD_NORM_FLOOR = 1e-8
 
 _ASCENT = ("fgsm", "pgd")
 
@@ -119,12 +128,10 @@ def _direction(g: Tensor, rule: str) -> Tensor:
     if rule == "sign":
         return g.sign()
     n = per_sample_norm(g, "l2")
-    return g / expand_like(n.clamp_min(torch.finfo(n.dtype).tiny), g)
+    return g / expand_like(n.clamp_min(GRAD_NORM_FLOOR), g)
 
 
-def _choice(value: str, options: tuple[str, ...], name: str) -> None:
-    if value not in options:
-        raise ValueError(f"{name}: expected one of {options}, got {value!r}")
+_choice = check_choice
 
 
 def _nonneg(value: float, name: str) -> None:
@@ -153,13 +160,11 @@ class Perturber:
     step_units: str | None = None
     step_rule: str | None = None
     init: str | None = None
-    target_mode: str = "invariant"
 
     def __post_init__(self) -> None:
         _choice(self.kind, KINDS, "kind")
         _choice(self.norm, NORMS, "norm")
         _choice(self.budget, BUDGETS, "budget")
-        _choice(self.target_mode, TARGET_MODES, "target_mode")
         if self.init is not None:
             _choice(self.init, INITS, "init")
         if self.step_rule is not None:
@@ -177,9 +182,9 @@ class Perturber:
             self._check_unused(("steps", "step_size", "step_units", "step_rule", "init"))
         if self.kind == "none":
             self._check_unused(("radius",))
-            # no delta: a norm, budget or target mode other than the default would be silently ignored
+            # no delta: a norm or budget other than the default would be silently ignored
             defaults = {f.name: f.default for f in fields(self)}
-            for name in ("norm", "budget", "target_mode"):
+            for name in ("norm", "budget"):
                 if getattr(self, name) != defaults[name]:
                     raise ValueError(f"{name}: not used by kind='none' (no perturbation); leave it at "
                                      f"{defaults[name]!r}, got {getattr(self, name)!r}")
@@ -210,6 +215,9 @@ class Perturber:
             if units == "absolute":
                 raise ValueError("step_size: required with step_units='absolute'")
             size, units = (1.0 if self.kind == "fgsm" else 2.5 / steps), "radius"
+        if size == 0:
+            raise ValueError(f"step_size: an ascent perturber ({self.kind!r}) needs a step > 0; a zero step never "
+                             "moves delta (use kind='none' for no perturbation)")
         set_ = object.__setattr__
         set_(self, "steps", steps)
         set_(self, "step_size", float(size))
@@ -299,32 +307,34 @@ def delta_gradient(closure: Callable[[Tensor], Tensor], delta: Tensor) -> Tensor
 # --- presets ---------------------------------------------------------------------------------------------
 def input_perturbation(gamma: float = 0.1) -> Perturber:
     """Input Perturbation (Ning et al. 2023): ``x~ = sqrt(abar) x0 + sqrt(1-abar)(eps + gamma xi)`` with the
-    clean target ``eps``, i.e. ``delta = gamma sigma_t xi``."""
-    return Perturber("gaussian", norm="l2", budget="noise-rms", radius=gamma, target_mode="invariant")
-
-
-def paper_at(replay: int = PAPER_REPLAY) -> Perturber:
-    """The reference recipe of Wang et al. (method.md section 4): l2 ball of per-pixel RMS 0.1 (radius
-    ``0.1 sqrt(d)``), l2-normalised steps of length 0.1 from zero, detached equivariant target.
-
-    Use it as ``free_at_step(..., replay=replay, perturber=paper_at(replay))`` (delta reset per minibatch);
-    ``steps = replay - 1`` is the number of delta updates between the passes, so the same perturber in
-    :func:`atdiff.train.train_step` is the PGD attack that follows the same trajectory at frozen weights.
+    clean target ``eps``, i.e. ``delta = gamma sigma_t xi``; the loss keeps its default ``target_mode="invariant"``.
     """
-    if not isinstance(replay, int) or isinstance(replay, bool) or replay < 2:
-        raise ValueError(f"replay: expected an integer >= 2 (an update needs two passes), got {replay!r}")
-    return Perturber("pgd", norm="l2", budget="rms", radius=0.1, steps=replay - 1, step_size=0.1,
-                     step_units="absolute", step_rule="l2", init="zero", target_mode="equivariant-detached")
+    return Perturber("gaussian", norm="l2", budget="noise-rms", radius=gamma)
 
 
-def kl_ball_at(eta0: float, *, steps: int = 1, step_fraction: float | None = None,
-               target_mode: str = "equivariant", init: str = "zero") -> Perturber:
-    """PGD inside the KL ball of radius ``eta0`` around ``q(x_t | x0)``: l2 radius ``sqrt(2 eta0) sigma_t``.
+def paper_at() -> Perturber:
+    """The perturbation of Wang et al. (2025), Algorithm 1, as the authors run it: one l2-normalised ascent step
+    of length 0.1 per pass from ``delta = 0``, inside the l2 ball of per-pixel RMS 0.1 (radius ``0.1 sqrt(d)``).
 
-    ``step_fraction`` is the step length in units of that radius (default ``2.5 / steps``; one step from zero
-    then lands on the sphere). The default target is the full ``equivariant`` one, for which the loss is the
-    per-step KL of the DRO objective up to the factor ``c_t d`` (method.md section 2).
+    Pair it with ``free_at_step(..., replay=PAPER_REPLAY)`` (``K = 3`` passes, so ``||delta|| <= 0.2`` and the
+    projection never fires) and a loss with ``target_mode=PAPER_TARGET_MODE`` (the detached equivariant
+    target). In :func:`atdiff.train.train_step` the same perturber is FGSM adversarial training with that step.
+    """
+    return Perturber("fgsm", norm="l2", budget="rms", radius=0.1, step_size=0.1, step_units="absolute",
+                     step_rule="l2", init="zero")
+
+
+def kl_ball_at(eta0: float, *, steps: int = 1, step_fraction: float | None = None, init: str = "zero"
+               ) -> Perturber:
+    """Ascent inside the KL ball of radius ``eta0`` around ``q(x_t | x0)``: l2 radius ``sqrt(2 eta0) sigma_t``.
+
+    ``steps = 1`` gives the single-step kind ``fgsm`` (usable by free AT, one step per pass), more steps ``pgd``.
+    ``step_fraction`` is the step length in units of that radius (default: ``1`` for one step, which from zero
+    lands on the sphere; ``2.5 / steps`` for PGD). The DRO objective's per-step KL is the loss with the full
+    ``target_mode="equivariant"`` (up to the factor ``c_t d``, docs/objective.md); with the detached target and
+    free AT this is a different algorithm from the DRO ideal (docs/algorithm.md).
     """
     _nonneg(eta0, "eta0")
-    return Perturber("pgd", norm="l2", budget="kl", radius=eta0, steps=steps, step_size=step_fraction,
-                     step_units="radius", step_rule="l2", init=init, target_mode=target_mode)
+    kind = "fgsm" if steps == 1 else "pgd"
+    return Perturber(kind, norm="l2", budget="kl", radius=eta0, steps=None if kind == "fgsm" else steps,
+                     step_size=step_fraction, step_units="radius", step_rule="l2", init=init)

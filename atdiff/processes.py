@@ -146,6 +146,9 @@ class Process:
         """
         if x0.shape != eps.shape:
             raise ValueError(f"eps: expected the shape of x0 {tuple(x0.shape)}, got {tuple(eps.shape)}")
+        for name, value in (("x0", x0), ("eps", eps)):
+            if not value.is_floating_point():  # the coefficients would be cast to int: x_t = 0
+                raise ValueError(f"{name}: expected a floating-point tensor, got {value.dtype}")
         if validate:
             check_finite(x0, "x0")
             check_finite(eps, "eps")
@@ -285,7 +288,7 @@ class VPContinuous(Process):
     def __post_init__(self) -> None:
         if self.schedule not in ("linear", "cosine"):
             raise ValueError(f"schedule: expected 'linear' or 'cosine', got {self.schedule!r}")
-        if not 0 < self.beta_min < self.beta_max:
+        if not (math.isfinite(self.beta_max) and 0 < self.beta_min < self.beta_max):
             raise ValueError(f"beta_min, beta_max: need 0 < beta_min < beta_max, got {self.beta_min}, "
                              f"{self.beta_max}")
 
@@ -335,7 +338,8 @@ class VE(Process):
     variance_preserving: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
-        if not 0 < self.sigma_min < self.sigma_max:
+        finite = math.isfinite(self.sigma_min) and math.isfinite(self.sigma_max)
+        if not (finite and 0 < self.sigma_min < self.sigma_max):
             raise ValueError(f"sigma_min, sigma_max: need 0 < sigma_min < sigma_max, got {self.sigma_min}, "
                              f"{self.sigma_max}")
 

@@ -11,15 +11,15 @@ from scipy.stats import norm
 from atdiff.losses import (
     DenoisingLoss,
     HybridLoss,
+    LossDraw,
     LossSecondMomentSampler,
     discretized_gaussian_log_likelihood,
     normal_kl,
-    split_learned_variance,
 )
 from atdiff.networks.mlp import MLP
-from atdiff.param import predict, predict_with_variance
+from atdiff.param import predict, predict_with_variance, split_learned_variance
 from atdiff.perturb import paper_at
-from atdiff.precond import DiffusionModel
+from atdiff.precond import DiffusionModel, declare
 from atdiff.processes import VE, VPDiscrete
 from atdiff.train import free_at_step, train_step
 
@@ -32,6 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (see conftest
 class LinearLearnedVariance(torch.nn.Module):
     """eps_hat = a x + c t / T, v = tanh(b x): a learned-variance model with two scalar parameters."""
 
+    prediction = "eps"
     learned_variance = True
 
     def __init__(self, T, a=0.3, b=0.7):
@@ -99,8 +100,8 @@ def test_vb_term_equals_the_closed_form_kl_and_decoder_nll(target_mode, perturbe
     t[:8] = 1.0
     eps = torch.randn(n, d, generator=gen, dtype=F64)
     delta = 0.05 * torch.randn(n, d, generator=gen, dtype=F64) if perturbed else torch.zeros(n, d, dtype=F64)
-    loss = HybridLoss(process)
-    terms = loss.terms(model, x0, t, eps, delta if perturbed else None, target_mode)
+    loss = HybridLoss(process, target_mode=target_mode)
+    terms = loss.terms(model, x0, t, eps, delta if perturbed else None)
     vb_ref, eps_hat = _reference_vb(process, model, x0, t, eps, delta)
     np.testing.assert_allclose(terms["vb"].detach().numpy(), vb_ref, rtol=1e-7, atol=1e-10)
     sig = np.sqrt(1 - np.exp(process.log_abar_table.numpy()[t.numpy().astype(int)]))[:, None]
@@ -108,7 +109,7 @@ def test_vb_term_equals_the_closed_form_kl_and_decoder_nll(target_mode, perturbe
     mse_ref = ((eps_hat - target) ** 2).mean(1)
     np.testing.assert_allclose(terms["mse"].detach().numpy(), mse_ref, rtol=1e-10)
     np.testing.assert_allclose(terms["loss"].detach().numpy(), mse_ref + 0.001 * 100 * vb_ref, rtol=1e-7)
-    at = loss.at(model, x0, t, eps, delta if perturbed else None, target_mode)
+    at = loss.evaluate(model, x0, LossDraw(t, eps), delta if perturbed else None)
     torch.testing.assert_close(at, terms["loss"])
 
 
@@ -193,7 +194,7 @@ def _mlp_learned(process, dim=2):
     return DiffusionModel(net, process, learned_variance=True)
 
 
-def test_importance_sampling_records_through_call_and_free_at():
+def test_importance_sampling_is_fed_by_the_caller_and_weights_the_drawn_times():
     torch.manual_seed(0)
     process = VPDiscrete("cosine", T=20)
     model = _mlp_learned(process)
@@ -203,22 +204,27 @@ def test_importance_sampling_records_through_call_and_free_at():
     gen = torch.Generator().manual_seed(0)
     recorded = []
     update = loss.time_sampler.update
-    loss.time_sampler.update = lambda t, losses: (recorded.append(len(t)), update(t, losses))
-    train_step(model, data, loss, opt, generator=gen)
-    assert recorded == [16]  # __call__ records at once
-    free_at_step(model, data, loss, opt, replay=3, perturber=paper_at(3), generator=gen)
-    assert recorded == [16]  # the last pass of free AT is pending until the next draw
-    loss.draw(data, gen)
-    assert recorded == [16, 16]
+    loss.time_sampler.update = lambda t, losses: (recorded.append((t.clone(), losses.clone())), update(t, losses))
+    stats = train_step(model, data, loss, opt, generator=gen)
+    assert recorded == []  # the step itself records nothing: the caller decides (after a DDP all-gather)
+    loss.observe(stats["record"], stats["losses"])
+    assert len(recorded) == 1 and torch.equal(recorded[0][0], stats["record"].t)
+    stats = free_at_step(model, data, loss, opt, replay=3, perturber=paper_at(), generator=gen)
+    assert len(recorded) == 1
+    loss.observe(stats["record"], stats["losses"])
+    assert len(recorded) == 2 and torch.equal(recorded[1][1], stats["losses"])
+    assert stats["losses"].shape == (16,) and bool((stats["losses"] > 0).all())
     for _ in range(40):
-        train_step(model, data, loss, opt, generator=gen)
+        stats = train_step(model, data, loss, opt, generator=gen)
+        loss.observe(stats["record"], stats["losses"])
     assert loss.time_sampler.warm
-    t, eps = loss.draw(data, gen)
-    weighted = loss.at(model, data, t, eps)
-    plain = loss.terms(model, data, t, eps)["loss"]
-    torch.testing.assert_close(weighted, plain * loss.time_sampler.weights(t))
-    # times not from draw are taken as given: no weight
-    torch.testing.assert_close(loss.at(model, data, t.clone(), eps), plain)
+    record = loss.draw(data, gen)
+    torch.testing.assert_close(record.weight, loss.time_sampler.weights(record.t))
+    plain = loss.terms(model, data, record.t, record.noise)["loss"]
+    torch.testing.assert_close(loss.evaluate(model, data, record), plain)  # evaluate: no weights
+    torch.testing.assert_close(loss(model, data, record=record), plain * record.weight)  # __call__: weighted
+    # a record without weights (times chosen by the caller) is taken as given
+    torch.testing.assert_close(loss(model, data, record=LossDraw(record.t, record.noise)), plain)
 
 
 def test_hybrid_training_lowers_the_loss_with_a_perturber():
@@ -229,12 +235,12 @@ def test_hybrid_training_lowers_the_loss_with_a_perturber():
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     data = (torch.randn(128, 2) * 0.2 + torch.tensor([0.5, -0.5])).clamp(-1, 1)
     data = torch.round((data + 1) * 127.5) / 127.5 - 1
-    t_eval, eps_eval = loss.draw(data, torch.Generator().manual_seed(9))
-    before = loss(model, data, t=t_eval, eps=eps_eval).mean().item()
+    record = loss.draw(data, torch.Generator().manual_seed(9))
+    before = loss(model, data, record=record).mean().item()
     gen = torch.Generator().manual_seed(2)
     for _ in range(60):
-        train_step(model, data, loss, opt, perturber=paper_at(2), generator=gen)
-    after = loss(model, data, t=t_eval, eps=eps_eval).mean().item()
+        train_step(model, data, loss, opt, perturber=paper_at(), generator=gen)
+    after = loss(model, data, record=record).mean().item()
     assert after < 0.7 * before, (before, after)
 
 
@@ -261,7 +267,7 @@ def test_bad_inputs_name_the_argument():
     x0 = torch.zeros(3, 2, dtype=F64)
     eps = torch.zeros(3, 2, dtype=F64)
     with pytest.raises(ValueError, match="^model[:,]"):
-        HybridLoss(process).terms(lambda x, t: x, x0, torch.ones(3, dtype=F64), eps)
+        HybridLoss(process).terms(declare(lambda x, t: x, "eps"), x0, torch.ones(3, dtype=F64), eps)
     with pytest.raises(ValueError, match="^t[:,]"):
         HybridLoss(process).terms(LinearLearnedVariance(10), x0, torch.full((3,), 1.5, dtype=F64), eps)
     with pytest.raises(ValueError, match="^model[:,]"):

@@ -7,10 +7,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from atdiff.losses import DenoisingLoss, denoising_loss
+from atdiff.losses import DenoisingLoss, LossDraw, denoising_loss
 from atdiff.networks.mlp import MLP
 from atdiff.perturb import (
+    GRAD_NORM_FLOOR,
     PAPER_REPLAY,
+    PAPER_TARGET_MODE,
     Perturber,
     gaussian_std,
     input_perturbation,
@@ -22,8 +24,14 @@ from atdiff.perturb import (
     per_sample_norm,
     rms_radius,
 )
-from atdiff.precond import DiffusionModel
+from atdiff.precond import DiffusionModel, declare
 from atdiff.processes import VPDiscrete
+
+
+def declare_eps(fn):
+    """Declare a test function an eps-model (the library refuses models that declare nothing)."""
+    fn.prediction = "eps"
+    return fn
 
 
 def gaussian_kl(m1, v1, m2, v2):
@@ -36,7 +44,7 @@ def gaussian_kl(m1, v1, m2, v2):
 def linear_model(W, b):
     def model(x, t):
         return x @ W.T + b
-    return model
+    return declare(model, "eps")
 
 
 # --- C4: DRO = AT identity -------------------------------------------------------------------------------
@@ -90,8 +98,9 @@ def test_kl_ball_radius_has_kl_eta0(eta0):
     model = linear_model(torch.randn(d, d, generator=gen, dtype=torch.float64),
                          torch.zeros(d, dtype=torch.float64))
     eps = torch.randn(B, d, generator=gen, dtype=torch.float64)
-    loss = DenoisingLoss(p)
-    delta = pert(lambda dl: loss.at(model, x0, t, eps, dl, pert.target_mode), x0, t, p)
+    loss = DenoisingLoss(p, target_mode="equivariant")
+    record = LossDraw(t, eps)
+    delta = pert(lambda dl: loss.evaluate(model, x0, record, dl), x0, t, p)
     m = p.add_noise(x0, eps, t)
     var = sigma[:, None] ** 2
     want = torch.full((B,), eta0, dtype=torch.float64)
@@ -109,14 +118,16 @@ def test_budget_formulas():
     t = torch.full((3,), 10.0)
     r = paper_at().radius_for(x0, t, VPDiscrete("linear"))
     torch.testing.assert_close(r, torch.full((3,), 0.1 * math.sqrt(192)))
-    assert paper_at().steps == PAPER_REPLAY - 1 and paper_at().step_size == 0.1
+    # one ascent step of 0.1 per pass; K = PAPER_REPLAY passes are free_at_step's argument, given once
+    assert paper_at().kind == "fgsm" and paper_at().steps == 1 and paper_at().step_size == 0.1
+    assert PAPER_REPLAY == 3 and PAPER_TARGET_MODE == "equivariant-detached"
 
 
 # --- projection and step rules ---------------------------------------------------------------------------
 grads = arrays(np.float64, (4, 6), elements=st.floats(allow_nan=True, allow_infinity=True, width=64))
 
 
-@given(g1=grads, g2=grads, radius=st.floats(0.0, 10.0), step=st.floats(0.0, 20.0),
+@given(g1=grads, g2=grads, radius=st.floats(0.0, 10.0), step=st.floats(1e-6, 20.0),
        norm=st.sampled_from(["l2", "linf"]), rule=st.sampled_from(["l2", "sign"]),
        init=st.sampled_from(["zero", "uniform", "gaussian"]))
 def test_every_delta_stays_in_its_ball(g1, g2, radius, step, norm, rule, init):
@@ -174,6 +185,7 @@ def test_gaussian_invariant_perturber_reproduces_input_perturbation():
     p, gamma = VPDiscrete("linear"), 0.1
     seen = []
 
+    @declare_eps
     def model(x, t):
         seen.append(x)
         return 0.5 * x
@@ -182,13 +194,13 @@ def test_gaussian_invariant_perturber_reproduces_input_perturbation():
     loss = DenoisingLoss(p)
     got = loss(model, x0, perturber=input_perturbation(gamma), generator=torch.Generator().manual_seed(7))
     gen = torch.Generator().manual_seed(7)
-    t, eps = loss.draw(x0, gen)
+    t, eps, _ = loss.draw(x0, gen)
     xi = torch.randn(x0.shape, generator=gen)
     a = p.abar(t).sqrt()[:, None, None, None]
     ip_input = a * x0 + (1 - a**2).sqrt() * (eps + gamma * xi)
     torch.testing.assert_close(seen[-1], ip_input, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got, ((0.5 * ip_input - eps) ** 2).flatten(1).mean(1), rtol=1e-5, atol=1e-6)
-    assert input_perturbation().target_mode == "invariant"
+    assert loss.target_mode == "invariant"  # IP's clean target is the loss's default
 
 
 # --- C5: linear-Gaussian AT closed form ------------------------------------------------------------------
@@ -206,11 +218,11 @@ def test_c5_at_loss_matches_the_linear_gaussian_closed_form(rule):
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(n, 1, generator=gen, dtype=torch.float64) * math.sqrt(s2)
     eps = torch.randn(n, 1, generator=gen, dtype=torch.float64)
-    loss = DenoisingLoss(p)
-    pert = Perturber("fgsm", radius=eta, step_size=eta, step_rule=rule, target_mode="equivariant")
+    loss = DenoisingLoss(p, target_mode="equivariant")
+    pert = Perturber("fgsm", radius=eta, step_size=eta, step_units="absolute", step_rule=rule)
 
     def at_loss(a):
-        return loss(lambda x, _t: a * x, x0, t=t, eps=eps, perturber=pert)
+        return loss(declare(lambda x, _t: a * x, "eps"), x0, record=LossDraw(t, eps), perturber=pert)
 
     lo, hi = sigma / v, 1 / sigma  # Bayes value and the delta-insensitive value
     for a in (0.5 * lo, lo, 0.5 * (lo + hi), hi, 1.5 * hi):
@@ -237,21 +249,23 @@ def test_c7_detached_ascent_vs_true_gradient_step(record_property, capsys):
     abar, sigma = p.abar(t[0]).item(), p.sigma(t[0]).item()
     J = sigma / (abar * lam + sigma**2)
 
+    @declare_eps
     def model(x, _t):
         return x * J
 
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(n, d, generator=gen, dtype=torch.float64) * lam.sqrt()
     eps = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    loss = DenoisingLoss(p)
+    record = LossDraw(t, eps)
+    losses = {mode: DenoisingLoss(p, target_mode=mode) for mode in ("equivariant", "equivariant-detached")}
 
     def objective(delta):
-        return d * loss.at(model, x0, t, eps, delta, "equivariant")
+        return d * losses["equivariant"].evaluate(model, x0, record, delta)
 
     results, deltas = {"clean": objective(torch.zeros_like(x0)).mean().item()}, {}
-    for mode in ("equivariant", "equivariant-detached"):
-        pert = Perturber("pgd", radius=1.0, steps=1, step_size=step, target_mode=mode)
-        deltas[mode] = pert(lambda dl, m=mode: loss.at(model, x0, t, eps, dl, m), x0, t, p)
+    for mode, loss in losses.items():
+        pert = Perturber("fgsm", radius=1.0, step_size=step, step_units="absolute")
+        deltas[mode] = pert(lambda dl, lo=loss: lo.evaluate(model, x0, record, dl), x0, t, p)
         results[mode] = objective(deltas[mode]).mean().item()
     # clean value = sum_i Var(eps_i | x_t) = sum abar lam / (abar lam + sigma^2), up to Monte Carlo error
     exact = (abar * lam / (abar * lam + sigma**2)).sum().item()
@@ -280,23 +294,24 @@ def test_pgd_raises_the_loss_stays_in_the_ball_and_leaves_grads_alone(norm, mode
     torch.nn.init.normal_(model.net.out.weight, std=0.3)
     x0 = torch.randn(64, 6)
     gen = torch.Generator().manual_seed(1)
-    loss = DenoisingLoss(p)
-    t, eps = loss.draw(x0, gen)
+    loss = DenoisingLoss(p, target_mode=mode)
+    record = loss.draw(x0, gen)
+    t = record.t
     radius = 0.5 if norm == "l2" else 0.2
-    pert = Perturber("pgd", norm=norm, radius=radius, steps=5, target_mode=mode)
+    pert = Perturber("pgd", norm=norm, radius=radius, steps=5)
     sentinel = [torch.full_like(q, 3.0) for q in model.parameters()]
     for q, s in zip(model.parameters(), sentinel, strict=True):
         q.grad = s.clone()
-    delta = pert(lambda dl: loss.at(model, x0, t, eps, dl, pert.target_mode), x0, t, p)
+    delta = pert(lambda dl: loss.evaluate(model, x0, record, dl), x0, t, p)
     for q, s in zip(model.parameters(), sentinel, strict=True):
         assert torch.equal(q.grad, s)
     assert not delta.requires_grad
     assert (per_sample_norm(delta, norm) <= radius * (1 + 1e-5)).all()
-    clean = loss.at(model, x0, t, eps).detach()
-    attacked = loss.at(model, x0, t, eps, delta, pert.target_mode).detach()
-    rand = Perturber("pgd", norm=norm, radius=radius, steps=1, step_size=0.0, init="uniform")
-    random_delta = rand(lambda dl: loss.at(model, x0, t, eps, dl), x0, t, p, generator=gen)
-    randomly = loss.at(model, x0, t, eps, random_delta, pert.target_mode).detach()
+    clean = loss.evaluate(model, x0, record).detach()
+    attacked = loss.evaluate(model, x0, record, delta).detach()
+    random_delta = Perturber("gaussian", radius=radius).init_delta(x0, torch.full((64,), radius), gen) \
+        if norm == "l2" else (2 * torch.rand(x0.shape, generator=gen) - 1) * radius
+    randomly = loss.evaluate(model, x0, record, random_delta).detach()
     assert attacked.mean() > randomly.mean() > 0 and attacked.mean() > clean.mean()
     assert (attacked >= clean - 1e-6).float().mean() > 0.9
 
@@ -306,7 +321,8 @@ def test_pgd_raises_the_loss_stays_in_the_ball_and_leaves_grads_alone(norm, mode
     (dict(kind="bim", radius=1.0), "kind"),
     (dict(kind="pgd", norm="l1", radius=1.0), "norm"),
     (dict(kind="pgd", budget="pixels", radius=1.0), "budget"),
-    (dict(kind="pgd", radius=1.0, target_mode="delta"), "target_mode"),
+    (dict(kind="pgd", radius=1.0, step_size=0.0), "step_size"),  # a zero step would make PGD a silent no-op
+    (dict(kind="fgsm", radius=1.0, step_size=0.0, step_units="absolute"), "step_size"),
     (dict(kind="pgd", radius=1.0, init="ones"), "init"),
     (dict(kind="pgd", radius=1.0, step_rule="adam"), "step_rule"),
     (dict(kind="pgd", radius=1.0, step_units="pixels"), "step_units"),
@@ -324,18 +340,34 @@ def test_pgd_raises_the_loss_stays_in_the_ball_and_leaves_grads_alone(norm, mode
     (dict(kind="none", radius=1.0), "radius"),
     (dict(kind="none", norm="linf"), "norm"),
     (dict(kind="none", budget="kl"), "budget"),
-    (dict(kind="none", target_mode="equivariant"), "target_mode"),
     (dict(kind="pgd", norm="linf", budget="kl", radius=1.0), "budget"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=f"^{name}:"):
         Perturber(**kwargs)
+    with pytest.raises(TypeError):
+        Perturber("pgd", radius=1.0, target_mode="equivariant")  # the target mode is the loss's
+
+
+def test_kl_ball_preset_is_single_step_for_free_at_and_pgd_otherwise():
+    one, many = kl_ball_at(0.05), kl_ball_at(0.05, steps=4)
+    assert (one.kind, one.steps, one.step_size, one.step_units) == ("fgsm", 1, 1.0, "radius")
+    assert (many.kind, many.steps, many.step_size) == ("pgd", 4, 2.5 / 4)
+
+
+def test_l2_normalisation_floor_follows_the_reference():
+    # g / max(||g||, 1e-8): a gradient far below the floor takes a proportionally short step, not a full one
+    pert = Perturber("fgsm", radius=10.0, step_size=0.1, step_units="absolute")
+    g = torch.tensor([[1e-12, 0.0], [3.0, 4.0]])
+    out = pert.ascend(torch.zeros(2, 2), g, torch.full((2,), 10.0))
+    torch.testing.assert_close(out[0], torch.tensor([0.1 * 1e-12 / GRAD_NORM_FLOOR, 0.0]))
+    torch.testing.assert_close(out[1], torch.tensor([0.06, 0.08]))
 
 
 def test_bad_preset_arguments():
     with pytest.raises(ValueError, match="^eta0:"):
         kl_ball_at(-0.1)
-    with pytest.raises(ValueError, match="^replay:"):
-        paper_at(1)
+    with pytest.raises(TypeError):
+        paper_at(3)  # K is free_at_step's `replay`, given in one place
     with pytest.raises(ValueError, match="^steps:"):
         kl_ball_at(0.1, steps=0)

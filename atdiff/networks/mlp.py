@@ -15,8 +15,12 @@ class MLP(nn.Module):
 
     The sinusoidal time embedding passes through a small MLP and is added to every hidden layer (as in
     the UNet's residual blocks). SiLU activations; the output layer starts at zero so an untrained model
-    predicts 0.
+    predicts 0. Declares ``prediction = "eps"`` (times of order 1..1000, e.g. ``VPDiscrete`` steps); wrap it in
+    :class:`atdiff.precond.DiffusionModel` for another parametrisation or process.
     """
+
+    prediction = "eps"
+    learned_variance = False
 
     def __init__(self, dim: int, hidden: int = 256, depth: int = 3, time_dim: int = 64) -> None:
         super().__init__()
