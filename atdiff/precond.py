@@ -148,7 +148,10 @@ class ConsistencyModel(nn.Module):
         self.c_noise_scale = check_real(c_noise_scale, "c_noise_scale", 0.0, open_min=True)
 
     def forward(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        sigma = _batch_time(t, x).double()
+        t = _batch_time(t, x)
+        # sigma_min as the caller's dtype rounds it (float32 0.002 is not the double 0.002) is sigma_min exactly
+        at_min = t == torch.tensor(self.sigma_min, dtype=t.dtype, device=t.device)
+        sigma = torch.where(at_min, self.sigma_min, t.double())
         c_skip, c_out, c_in = consistency_scalings(sigma, self.sigma_data, self.sigma_min)
         c_noise = self.c_noise_scale * sigma.clamp_min(1e-20).log() / 4
         f = self.net(expand_like(c_in, x) * x, c_noise.to(torch.promote_types(x.dtype, torch.float32)), **cond)

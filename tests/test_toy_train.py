@@ -27,3 +27,31 @@ def test_sampler_flag_lists_and_checks_the_names(capsys):
         parse_args(["--sampler", "euler-maruyama-typo"])
     assert "invalid choice" in capsys.readouterr().err
     assert parse_args(["--sampler", "heun", "--sample-steps", "7"]).sampler == "heun"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--lr", "inf"], ["--lr", "nan"], ["--lr", "0"], ["--ema", "1.5"], ["--seed", str(2**64)], ["--seed", "-1"],
+    ["--sample-steps", "5000"],  # more steps than the 1000-step process has: refused before training
+    ["--json", "{file}/r.json"],  # a folder that is a file
+])
+def test_bad_flags_are_refused_before_any_training(argv, capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    argv = [a.format(file=tmp_path / "file") for a in argv]
+    with pytest.raises(SystemExit) as err:
+        parse_args(argv)
+    assert err.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_non_finite_samples_are_counted_not_replaced():
+    import torch
+
+    from atdiff.processes import VPDiscrete
+    from toy.mixtures import make_mixture
+    from toy.train_toy import evaluate
+
+    mix = make_mixture("ring8")
+    x = torch.zeros(10, 2)
+    x[3, 1] = float("nan")
+    out = evaluate(x, mix, torch.zeros(10, 2), VPDiscrete("cosine"))
+    assert out["non_finite"] == 1 and all(out[k] != out[k] for k in ("w2", "off_mode_fraction", "cross_entropy"))
