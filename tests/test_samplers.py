@@ -467,7 +467,7 @@ def test_samplers_run_a_float32_network():
     model = DiffusionModel(MLP(2, hidden=16, depth=2), process)
     torch.nn.init.normal_(model.net.out.weight, std=0.1)
     x_T = torch.randn(4, 2)
-    for name in SAMPLERS:
+    for name in DIFFUSION_SAMPLERS:
         if name.startswith("iddpm"):
             continue
         out = sample(name, model, x_T, process, 4, generator=torch.Generator().manual_seed(0))
