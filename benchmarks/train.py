@@ -5,8 +5,10 @@
     python -m benchmarks.train --resume runs/digits-at --set train.steps=6000
 
 A run directory holds ``config.json`` (the resolved recipe), ``ckpt/latest.pt`` (+ its sidecar with the same
-config; ``ckpt/step-NNNNNNN.pt`` every ``train.keep_every`` steps), ``log.jsonl`` (one line per logged step: loss,
-its parts, gradient norm, mean ``||delta||`` per pass, learning rate, samples/s, elapsed seconds) and sample grids
+config; ``ckpt/step-NNNNNNN.pt`` every ``train.keep_every`` steps), ``log.jsonl`` (one line per logged step:
+``loss`` (importance-weighted, mean over the free-AT passes), ``loss_last`` and its parts ``mse``, ``vb`` (unweighted
+means of the last pass), ``grad_norm``, ``delta_norm`` (mean ``||delta||`` of each pass), ``lr``, ``samples_per_s``,
+``elapsed_s``, ``skipped``) and sample grids
 ``samples/step-NNNNNNN.png`` drawn from the EMA model. Under ``torchrun`` the model is wrapped in
 DistributedDataParallel (nccl on CUDA, gloo on the CPU); the recipe's global batch is split over the processes; every
 rank slices one training record (times, noise) drawn for the global batch, so the run does what one process would do
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -41,7 +42,7 @@ from atdiff.networks.unet import UNet
 from atdiff.perturb import Perturber, input_perturbation
 from atdiff.precond import DiffusionModel, declare
 from atdiff.processes import VPDiscrete
-from atdiff.samplers import REGISTRY, sample
+from atdiff.samplers import sample
 from atdiff.train import EMA, free_at_step, train_step
 from benchmarks.recipes import (
     Recipe,
@@ -55,7 +56,7 @@ from benchmarks.recipes import (
 )
 
 __all__ = ["build_process", "build_model", "build_loss", "build_perturber", "read_data", "load_run", "save_grid",
-           "train", "main"]
+           "train", "main", "TrainResult"]
 
 LATEST = "ckpt/latest.pt"
 RESUMABLE = ("train.steps", "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_every",
@@ -128,7 +129,7 @@ def _read_source(recipe: Recipe) -> tuple[Any, np.ndarray]:
         return read_image_folder(root, size=None if d.pad else d.image_size,
                                  mode="L" if d.channels == 1 else "RGB")
     except (FileNotFoundError, ValueError) as err:
-        raise ValueError(f"data.root: {err}") from err
+        raise ValueError(f"data.root: {str(err).removeprefix('root: ')}") from err
 
 
 def read_data(recipe: Recipe, *, smoke: bool = False) -> tuple[Any, np.ndarray | None]:
@@ -237,9 +238,10 @@ def sample_grid(model: DiffusionModel, recipe: Recipe, path: Path, device: torch
     gen = torch.Generator(device=device).manual_seed(t.seed + 1)
     x_T = torch.randn((t.num_samples, d.channels, d.image_size, d.image_size), generator=gen, device=device)
     labels = torch.arange(t.num_samples, device=device) % d.num_classes if d.class_cond else None
-    takes_generator = "generator" in inspect.signature(REGISTRY[t.sampler].fn).parameters
-    opts = {"generator": gen} if takes_generator else {}
-    result = sample(t.sampler, conditioned(model.eval(), labels), x_T, model.process, t.sample_steps, **opts)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # the training's global RNG stream is left as it was
+        result = sample(t.sampler, conditioned(model.eval(), labels), x_T, model.process, t.sample_steps,
+                        generator=gen)
     return save_grid(result.x, path)
 
 
@@ -408,7 +410,7 @@ def _one_step(run: _Run, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
 
 
 def _log_line(run: _Run, stats: dict[str, Any], step: int, samples_per_s: float, elapsed: float) -> dict[str, Any]:
-    local = {"loss": stats["loss"], "grad_norm": stats["grad_norm"],
+    local = {"loss": stats["loss"], "loss_last": float(stats["losses"].float().mean()), "grad_norm": stats["grad_norm"],
              **{k: float(v) for k, v in run.loss.parts.items()},
              "delta_norm": [float(v) for v in run.loss.delta_norms], "skipped": stats["skipped"]}
     every = all_gather_objects(local)
@@ -432,9 +434,19 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` leaves: the run directory, this rank's model and EMA, the last step."""
+
+    run_dir: Path
+    model: DiffusionModel
+    ema: EMA
+    step: int
+
+
 def train(recipe: Recipe, run_dir: str | os.PathLike, *, info: DistInfo | None = None, init_from: str | None = None,
-          resume: bool = False, smoke: bool = False, progress: bool = True, tensorboard: bool = False) -> Path:
-    """Train ``recipe`` into ``run_dir`` (see the module docstring); returns the run directory.
+          resume: bool = False, smoke: bool = False, progress: bool = True, tensorboard: bool = False) -> TrainResult:
+    """Train ``recipe`` into ``run_dir`` (see the module docstring).
 
     ``resume=True`` continues the run in ``run_dir`` from its ``ckpt/latest.pt`` exactly (model, EMA, optimiser,
     scaler, time-sampler history, data position, global and per-rank RNG, the draw generator). Every check
@@ -504,7 +516,7 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, info: DistInfo | None =
     bar.close()
     if writer is not None:
         writer.close()
-    return run_dir
+    return TrainResult(run_dir, run.model, run.ema, step)
 
 
 # ----------------------------------------------------------------------------------------------- command line
@@ -558,7 +570,7 @@ def _resolve_args(args: argparse.Namespace, world_size: int) -> tuple[Recipe, Pa
     return recipe, Path(args.out or f"runs/{recipe.name}"), False
 
 
-def main(argv: list[str] | None = None) -> Path | None:
+def main(argv: list[str] | None = None) -> TrainResult | None:
     args = _parser().parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     recipe, run_dir, resume = _resolve_args(args, world)
