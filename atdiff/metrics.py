@@ -1,6 +1,7 @@
 """Sample-quality statistics.
 
-For toy mixtures (method.md section 8): W2 alone cannot rank methods, so report beside it the off-mode fraction,
+For toy mixtures W2 of a few thousand samples alone cannot rank methods (its sampling floor is as large as most
+differences between them), so report beside it the off-mode fraction,
 the total variation between mode occupancies and the true weights, and the cross-entropy under the true density.
 """
 

@@ -2,7 +2,8 @@
 
 A ratio of 1.00 means the sampler costs nothing beyond its network evaluations; the target is <= 1.05.
 Measured in one process on the toy MLP (``atdiff.networks.mlp.MLP``) and a small UNet
-(``atdiff.networks.unet.UNet``, or a small conv net if that does not import), at about 20 network evaluations,
+(``atdiff.networks.unet.UNet``), at exactly 20 network evaluations (``sample(..., nfe=20)``; Heun 19, the
+nearest odd budget; the adaptive ODE sampler on 20 steps),
 in inference mode (``torch.no_grad()``, chosen by this caller). Each repeat times one sampler run and, right
 after it, ``NFE`` back-to-back forwards of the same model on the same batch; ``ratio`` is the quotient of the
 two fastest wall times over the repeats (the least disturbed runs). On a shared machine the load of other
@@ -26,29 +27,14 @@ import torch
 from torch import nn
 
 from atdiff.networks.mlp import MLP
-from atdiff.precond import DiffusionModel
+from atdiff.networks.unet import UNet
+from atdiff.precond import DiffusionModel, declare
 from atdiff.processes import VPDiscrete
 from atdiff.samplers import REGISTRY, sample
 
-#: steps per sampler so that each uses about ``NFE_TARGET`` network evaluations
+#: network evaluations per sampler run (Heun spends 2N - 1: the nearest odd budget)
 NFE_TARGET = 20
-STEPS = {"heun": 10, "pc": 10, "dpm-solver": 7}
-
-
-class SmallConvNet(nn.Module):
-    """Fallback image model: a few conv layers with an additive time embedding."""
-
-    def __init__(self, channels: int = 3, width: int = 64, out_channels: int = 3) -> None:
-        super().__init__()
-        self.inp = nn.Conv2d(channels, width, 3, padding=1)
-        self.time = nn.Linear(1, width)
-        layers = [m for _ in range(3) for m in (nn.SiLU(), nn.Conv2d(width, width, 3, padding=1))]
-        self.body = nn.Sequential(*layers)
-        self.out = nn.Conv2d(width, out_channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x) + self.time(t[:, None].to(x.dtype) / 1000)[:, :, None, None]
-        return self.out(self.body(h))
+NFE = {"heun": NFE_TARGET - 1}
 
 
 def make_models(quick: bool) -> list[tuple[str, Callable[[bool], nn.Module], tuple[int, ...]]]:
@@ -63,19 +49,12 @@ def make_models(quick: bool) -> list[tuple[str, Callable[[bool], nn.Module], tup
     mlp_batch = 1024 if quick else 4096
     models = [(f"mlp(2-D, batch {mlp_batch})", mlp, (mlp_batch, 2))]
     img_batch = 4 if quick else 16
-    try:
-        from atdiff.networks.unet import UNet
 
-        def unet(learned: bool) -> nn.Module:
-            return UNet(3, 32, 3, 1, attention_resolutions=(8,), channel_mult=(1, 2), image_size=16,
-                        learn_sigma=learned)
+    def unet(learned: bool) -> nn.Module:
+        return UNet(3, 32, 3, 1, attention_resolutions=(8,), channel_mult=(1, 2), image_size=16,
+                    learn_sigma=learned)
 
-        models.append((f"unet(3x16x16, batch {img_batch})", unet, (img_batch, 3, 16, 16)))
-    except ImportError:
-        def convnet(learned: bool) -> nn.Module:
-            return SmallConvNet(out_channels=6 if learned else 3)
-
-        models.append((f"convnet(3x16x16, batch {img_batch})", convnet, (img_batch, 3, 16, 16)))
+    models.append((f"unet(3x16x16, batch {img_batch})", unet, (img_batch, 3, 16, 16)))
     return models
 
 
@@ -93,21 +72,28 @@ def _elapsed_both(fn: Callable[[], object]) -> tuple[float, float]:
 
 
 def null_model(learned: bool) -> Callable:
-    """A model that costs (almost) nothing: zeros of the prediction's shape."""
+    """A model that costs (almost) nothing: zeros of the prediction's shape (declared an eps-model)."""
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return torch.zeros(x.shape[0], (2 if learned else 1) * x.shape[1], *x.shape[2:], dtype=x.dtype)
 
-    model.learned_variance = learned
-    return model
+    return declare(model, "eps", learned_variance=learned)
 
 
-def measure_one(model: nn.Module, name: str, x_T: torch.Tensor, process: VPDiscrete, steps: int, repeats: int,
+def budget(name: str) -> dict:
+    """The ``sample`` arguments that spend about ``NFE_TARGET`` evaluations: ``nfe=`` where the sampler's NFE can
+    be set, else ``NFE_TARGET`` grid steps (the adaptive ODE sampler)."""
+    if name == "ode":
+        return {"steps_or_grid": NFE_TARGET}
+    return {"nfe": NFE.get(name, NFE_TARGET)}
+
+
+def measure_one(model: nn.Module, name: str, x_T: torch.Tensor, process: VPDiscrete, repeats: int,
                 learned: bool) -> dict:
     """Timings of sampler ``name``, of its ``NFE`` forwards and of the sampler alone (module docstring)."""
     t_vec = torch.full((x_T.shape[0],), 500.0)
 
     def run(m: Callable = model):
-        return sample(name, m, x_T, process, steps, generator=torch.Generator().manual_seed(0))
+        return sample(name, m, x_T, process, generator=torch.Generator().manual_seed(0), **budget(name))
 
     def forwards():
         for _ in range(nfe):
@@ -120,14 +106,14 @@ def measure_one(model: nn.Module, name: str, x_T: torch.Tensor, process: VPDiscr
     alone = min(_elapsed(lambda: run(null)) for _ in range(3 * repeats))
     best_s, best_f = min(s[0] for s, _ in pairs), min(f[0] for _, f in pairs)
     cpu_s, cpu_f = min(s[1] for s, _ in pairs), min(f[1] for _, f in pairs)
-    return {"sampler": name, "steps": steps, "nfe": nfe, "sampler_ms": 1e3 * best_s,
+    return {"sampler": name, "nfe": nfe, "sampler_ms": 1e3 * best_s,
             "forward_ms": 1e3 * best_f / nfe, "overhead_us": 1e6 * alone / null_nfe, "ratio": best_s / best_f,
             "ratio_median": statistics.median(s[0] / f[0] for s, f in pairs), "ratio_cpu": cpu_s / cpu_f,
             "ratio_null": 1 + (alone / null_nfe) / (best_f / nfe)}
 
 
 def measure(quick: bool = False) -> list[dict]:
-    """One row per (model, sampler): steps, NFE, sampler ms, forward ms, overhead per NFE and the ratio."""
+    """One row per (model, sampler): NFE, sampler ms, forward ms, overhead per NFE and the ratio."""
     torch.manual_seed(0)
     process = VPDiscrete("linear")
     repeats = 3 if quick else 9
@@ -140,22 +126,21 @@ def measure(quick: bool = False) -> list[dict]:
             x_T = torch.randn(shape)
             with torch.no_grad():
                 for name in (n for n in REGISTRY if n.startswith("iddpm") == learned):
-                    steps = STEPS.get(name, NFE_TARGET)
-                    row = measure_one(model, name, x_T, process, steps, repeats, learned)
+                    row = measure_one(model, name, x_T, process, repeats, learned)
                     rows.append({"model": model_name, **row})
                     print(_format_row(rows[-1]), flush=True)
     return rows
 
 
 def _format_row(row: dict) -> str:
-    return (f"{row['model']:<28} {row['sampler']:<13} {row['steps']:>5} {row['nfe']:>5} "
+    return (f"{row['model']:<28} {row['sampler']:<13} {row['nfe']:>5} "
             f"{row['sampler_ms']:>11.1f} {row['forward_ms']:>10.2f} {row['overhead_us']:>12.0f} "
             f"{row['ratio']:>6.3f} {row['ratio_cpu']:>9.3f} {row['ratio_null']:>10.3f}")
 
 
 def table(rows: list[dict]) -> str:
     """A readable table of :func:`measure`'s rows."""
-    head = (f"{'model':<28} {'sampler':<13} {'steps':>5} {'nfe':>5} {'sampler_ms':>11} {'fwd_ms':>10} "
+    head = (f"{'model':<28} {'sampler':<13} {'nfe':>5} {'sampler_ms':>11} {'fwd_ms':>10} "
             f"{'overhead_us':>12} {'ratio':>6} {'ratio_cpu':>9} {'ratio_null':>10}")
     return "\n".join([head, "-" * len(head), *(_format_row(r) for r in rows)])
 

@@ -1,6 +1,6 @@
 """Wall time of ``python -m toy.verify_bounds`` (full and ``--quick``), per claim, against the targets
 (full <= 60 s, quick <= 10 s on a 2-core CPU). ``--quick --figures`` (quick problems, figures drawn) is timed
-too, for information: drawing the ~13 PNGs costs about 3 s here.
+too, for information (drawing the PNGs is about a third of a quick run).
 
     python -m benchmarks.verify_bounds_speed [--json PATH] [--skip-full]
 

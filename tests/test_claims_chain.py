@@ -1,4 +1,4 @@
-"""Tests of the chain claims (C1, C2, C3, C9, C10 in ``theory.claims_chain``): each check holds at random
+"""Tests of the chain claims (C1, C2, C3, C9, C10 in ``theory.claims``): each check holds at random
 configurations and fails when fed deliberately wrong quantities; every claim returns a JSON-ready verdict."""
 
 import json
@@ -12,29 +12,25 @@ from hypothesis import strategies as st
 from atdiff.processes import VE, VPDiscrete
 from atdiff.samplers import karras_grid, respaced_grid
 from theory.claims import CLAIMS, Verdict, run_claims
-from theory.claims_chain import (
-    cd_fixed_point,
-    check_consistency_map,
+from theory.claims.c1_c3 import check_prop1, check_propagation, prop1_rhs_gradient, prop1_terms, propagation_terms
+from theory.claims.c2 import mismatch_path
+from theory.claims.c9 import (
     check_drift,
-    check_prop1,
-    check_propagation,
-    consistency_map,
-    consistency_residuals,
     coupling_drift_exact,
     coupling_drift_mc,
     drift_draws,
     drift_formula,
     drift_independent,
-    drift_method_md,
-    mismatch_path,
-    model_steps,
-    perturbed_model,
-    prop1_rhs_gradient,
-    prop1_terms,
-    propagation_terms,
-    random_gaussian,
+    drift_paper,
+)
+from theory.claims.c10 import (
+    cd_fixed_point,
+    check_consistency_map,
+    consistency_map,
+    consistency_residuals,
     teacher_coefficients,
 )
+from theory.claims.chain_common import model_steps, perturbed_model, random_gaussian
 from theory.gaussian import Gaussian, oracle_model
 from theory.linear import gaussian_reverse_step
 
@@ -178,7 +174,7 @@ def test_drift_identity_holds_exactly(schedule, t, frac, eta):
                          dtype=F64)
     formula = torch.tensor([drift_formula(process, t, s, eta), drift_independent(process, t, s)], dtype=F64)
     assert check_drift(exact, formula, exact, torch.zeros(2, dtype=F64))[0]
-    assert abs(drift_formula(process, t, s, 1.0) - drift_method_md(process, t, s)) < 1e-14
+    assert abs(drift_formula(process, t, s, 1.0) - drift_paper(process, t, s)) < 1e-14
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
@@ -191,8 +187,8 @@ def test_drift_monte_carlo_agrees_and_a_wrong_formula_is_detected(eta):
     formula = torch.tensor([drift_formula(process, t, s, eta)], dtype=F64)
     mc, se_t = torch.tensor([mean], dtype=F64), torch.tensor([se], dtype=F64)
     assert check_drift(exact, formula, mc, se_t)[0]
-    # method.md's formula is the eta = 1 drift; at eta = 0 it is wrong and the check says so
-    md = torch.tensor([drift_method_md(process, t, s)], dtype=F64)
+    # the paper's formula is the eta = 1 drift; at eta = 0 it is wrong and the check says so
+    md = torch.tensor([drift_paper(process, t, s)], dtype=F64)
     assert check_drift(exact, md, mc, se_t)[0] == (eta == 1.0)
     # a Monte Carlo mean far from the exact value fails too
     assert not check_drift(exact, formula, mc + 20 * se_t, se_t)[0]

@@ -162,3 +162,14 @@ def test_bad_inputs_name_the_argument():
         p.add_noise(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([float("nan")]))
     # validate=False skips only the value checks (an inner loop that has checked once)
     assert p.add_noise(torch.ones(1, 2), torch.zeros(1, 2), torch.tensor([0.0]), validate=False).eq(1).all()
+
+
+def test_infinite_process_parameters_are_refused():
+    from atdiff.processes import VE, VPContinuous
+
+    with pytest.raises(ValueError, match="^sigma_min, sigma_max:"):
+        VE(sigma_max=float("inf"))
+    with pytest.raises(ValueError, match="^sigma_min, sigma_max:"):
+        VE(sigma_min=float("nan"))
+    with pytest.raises(ValueError, match="^beta_min, beta_max:"):
+        VPContinuous(beta_max=float("inf"))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from atdiff.precond import declare
 from atdiff.processes import VE, VPContinuous, VPDiscrete
 from atdiff.samplers import (
     REGISTRY,
@@ -40,6 +41,7 @@ from atdiff.samplers import (
     sampler_help,
     uniform_grid,
 )
+from atdiff.samplers.dpm_solver import step_orders
 
 F64 = torch.float64
 M2, S2 = [1.0, -2.0], [[1.0, 0.4], [0.4, 0.5]]
@@ -63,6 +65,7 @@ def gaussian_eps_model(process, m, S):
         z = (x.double() - a * m) @ U
         return ((s * z / (a**2 * lam + s**2)) @ U.T).to(x.dtype)
 
+    model.prediction = "eps"
     return model
 
 
@@ -85,6 +88,7 @@ def mixture_eps_model(process, w, mu, sd):
         score = (torch.softmax(logp, dim=1) * (-(x.double() - a * mu) / var)).sum(1, keepdim=True)
         return (-s * score).to(x.dtype)
 
+    model.prediction = "eps"
     return model
 
 
@@ -95,7 +99,7 @@ def with_variance(model, v):
         eps = model(x, t)
         return torch.cat([eps, torch.full_like(eps, v)], dim=1)
 
-    f.learned_variance = True
+    f.prediction, f.learned_variance = "eps", True
     return f
 
 
@@ -105,6 +109,7 @@ def counted(model):
         return model(x, t)
 
     f.calls = 0
+    f.prediction = model.prediction
     return f
 
 
@@ -330,7 +335,7 @@ def test_learned_variance_step_has_the_interpolated_variance():
     grid = torch.tensor([500.0, 400.0, 0.0], dtype=F64)
     n, v = 100_000, 0.3
     captured = []
-    model = with_variance(lambda x, t: torch.zeros_like(x), v)
+    model = with_variance(declare(lambda x, t: torch.zeros_like(x), "eps"), v)
     sample_iddpm(model, torch.ones(n, 1, dtype=F64), process, grid,
                  generator=torch.Generator().manual_seed(0), callback=lambda info: captured.append(info["x"].clone()))
     beta = 1 - (process.abar(grid[0]) / process.abar(grid[1])).item()
@@ -397,17 +402,27 @@ def test_nfe_counts():
 
 @pytest.mark.parametrize("method", ["multistep", "singlestep"])
 def test_dpm_solver_lowers_the_final_orders_only_for_short_runs(method):
-    """DPM-Solver's rule: below 10 steps the last steps use order <= steps left; multistep warms up."""
+    """DPM-Solver's rule: below 10 steps the last steps use order <= steps left; multistep warms up. The
+    sampler runs exactly these orders: its samples equal those of the explicit ``orders=`` schedule (and differ
+    from another schedule), and single-step spends ``order`` evaluations per step (callback ``nfe``)."""
     process = VPDiscrete("linear")
     x_T, _ = _prior(process, 8, 2, 3)
 
     def orders(n, lower):
+        want = step_orders(n, 3, method, lower, [1.0] * n)
         seen = []
         model = counted(gaussian_eps_model(process, M2, S2))
-        out = sample_dpm_solver(model, x_T, process, dpm_grid(process, n), order=3, method=method,
-                                lower_order_final=lower, callback=lambda d: seen.append(d["order"]))
-        assert out.nfe == model.calls == (n if method == "multistep" else sum(seen))
-        return seen
+        grid = dpm_grid(process, n)
+        out = sample_dpm_solver(model, x_T, process, grid, order=3, method=method, lower_order_final=lower,
+                                callback=lambda d: seen.append(d["nfe"]))
+        assert out.nfe == model.calls == seen[-1] == (n if method == "multistep" else sum(want))
+        if method == "singlestep":
+            assert np.diff([0, *seen]).tolist() == want
+        explicit = sample_dpm_solver(model, x_T, process, grid, method=method, orders=want)
+        assert torch.equal(out.x, explicit.x)
+        other = sample_dpm_solver(model, x_T, process, grid, method=method, orders=[1] * n)
+        assert (other.x - out.x).abs().max() > 1e-6
+        return want
 
     warm = [1, 2] if method == "multistep" else [3, 3]
     assert orders(5, True) == warm + [3, 2, 1]

@@ -214,12 +214,12 @@ def test_random_delta_equivariant_numeric(abar, s, c):
     assert float(d.func(abar, sigma, s, c)) == pytest.approx(k, rel=1e-10)
     sig_eff = math.hypot(sigma, c)
     k_eff = _coef([0, sigma / sig_eff, c / sig_eff], x_row)  # clean optimum at the effective noise level
-    assert k / k_eff == pytest.approx(sig_eff / sigma, rel=1e-10)  # method.md's factor, exact in this sense
+    assert k / k_eff == pytest.approx(sig_eff / sigma, rel=1e-10)  # the paper's factor, exact in this sense
     a_star = sigma / (abar * s**2 + sigma**2)
     ratio = k / a_star
     assert float(d.lambdify("ratio_vs_clean_nominal")(abar, sigma, s, c)) == pytest.approx(ratio, rel=1e-10)
     assert 1 - 1e-12 <= ratio <= (sig_eff / sigma) ** 2 + 1e-12  # up, but by a data-dependent factor
-    # ... equal to method.md's factor only at abar s^2 = sigma sigma_eff
+    # ... equal to the paper's factor only at abar s^2 = sigma sigma_eff
     s_eq = math.sqrt(sigma * sig_eff / abar)
     k_eq = _coef([0, 1, c / sigma], [math.sqrt(abar) * s_eq, sigma, c])
     assert k_eq / (sigma / (abar * s_eq**2 + sigma**2)) == pytest.approx(sig_eff / sigma, rel=1e-10)
@@ -237,17 +237,17 @@ def test_ip_scaling_numeric(abar, s, gamma):
     assert k / k_total == pytest.approx(1 / (1 + gamma**2), rel=1e-10)
     g = math.sqrt(1 + gamma**2)
     k_eff = _coef([0, 1 / g, gamma / g], x_row)
-    assert k / k_eff == pytest.approx(1 / g, rel=1e-10)  # method.md's factor, exact in this sense
+    assert k / k_eff == pytest.approx(1 / g, rel=1e-10)  # the paper's factor, exact in this sense
     ratio = k / (sigma / (abar * s**2 + sigma**2))
     assert float(d.lambdify("ratio_vs_clean_nominal")(abar, sigma, s, gamma)) == pytest.approx(ratio, rel=1e-10)
     assert 1 / (1 + gamma**2) - 1e-12 <= ratio <= 1 + 1e-12  # down, by a data-dependent factor
-    # ... equal to method.md's factor only at abar s^2 = sigma^2 sqrt(1 + gamma^2)
+    # ... equal to the paper's factor only at abar s^2 = sigma^2 sqrt(1 + gamma^2)
     s_eq = math.sqrt(sigma**2 * g / abar)
     k_eq = _coef([0, 1, 0], [math.sqrt(abar) * s_eq, sigma, sigma * gamma])
     assert k_eq / (sigma / (abar * s_eq**2 + sigma**2)) == pytest.approx(1 / g, rel=1e-10)
 
 
-def test_c6_monte_carlo_regression_and_the_method_md_wording():
+def test_c6_monte_carlo_regression_and_the_paper_wording():
     rng = np.random.default_rng(0)
     n, abar, s, c, gamma = 400_000, 0.7, 1.5, 0.3, 0.1
     sigma = math.sqrt(1 - abar)
@@ -262,7 +262,7 @@ def test_c6_monte_carlo_regression_and_the_method_md_wording():
         resid = tgt - k_hat * inp
         se = math.sqrt(resid.var() / (inp @ inp))
         assert abs(k_hat - k_sym) <= 4 * se
-    # relative to the clean model at the nominal noise level, method.md's factors are not exact
+    # relative to the clean model at the nominal noise level, the paper's factors are not exact
     eq = float(S.derive_random_delta_equivariant().lambdify("ratio_vs_clean_nominal")(abar, sigma, s, c))
     ip = float(S.derive_ip_scaling().lambdify("ratio_vs_clean_nominal")(abar, sigma, s, gamma))
     assert eq > 1 > ip
@@ -288,11 +288,11 @@ def test_ve_flow_map_against_solve_ivp(x, t, s, sd):
 
 @SETTINGS
 @given(x=nonzero, t=st.floats(0.002, 80.0), sd=st.floats(0.1, 3.0))
-def test_ve_consistency_map_against_solve_ivp_and_method_md(x, t, sd):
+def test_ve_consistency_map_against_solve_ivp_and_paper(x, t, sd):
     f = S.derive_ve_consistency_map().func
     got = float(f(x, t, sd, S.CM_EPS))
     assert got == pytest.approx(_flow_numeric(x, t, S.CM_EPS, sd), rel=1e-10, abs=1e-12)
-    # method.md C10 with s = the data standard deviation
+    # the paper C10 with s = the data standard deviation
     assert got == pytest.approx(x * math.sqrt(sd**2 + 0.002**2) / math.sqrt(sd**2 + t**2), rel=1e-13, abs=1e-15)
     assert float(f(x, S.CM_EPS, sd, S.CM_EPS)) == pytest.approx(x, rel=1e-14, abs=1e-15)
 

@@ -1,10 +1,10 @@
-"""Sample-based distances between distributions, each with its accuracy measured on this machine.
+"""Sample-based distances between distributions, each with its accuracy measured (the bands below).
 
 Every function takes samples as numpy arrays or torch tensors of shape ``(n, d)`` (converted to float64 numpy)
 and raises ``ValueError`` naming the offending argument for a wrong shape (not 2-D, mismatched ``d``, too few
 rows), NaN/infinite values, a non-positive ``reg`` or ``k < 1``.
 
-Which one to use (see ``method.md`` section 8 and ``machine-notes.md``):
+Which one to use:
 
 * :func:`w2_bures` -- exact W2 between two Gaussians (closed form); use it whenever both laws are Gaussian.
 * :func:`kl_monte_carlo` -- unbiased KL when both log densities are known (toy mixtures): the estimator for
@@ -43,7 +43,7 @@ __all__ = [
     "W2_EXACT_MAX_N",
 ]
 
-#: largest sample size accepted by :func:`w2_exact` (``ot.emd2`` takes ~6.5 s at n = 5000 in 2-D here)
+#: largest sample size accepted by :func:`w2_exact` (``ot.emd2`` is roughly cubic in ``n``)
 W2_EXACT_MAX_N = 5000
 
 
@@ -121,7 +121,7 @@ def w2_exact(x: Any, y: Any, weights: tuple[Any, Any] | None = None) -> float:
     ``weights``: ``None`` (uniform) or a pair ``(wx, wy)`` of non-negative vectors of lengths ``n`` and ``m``
     (either may be ``None``; each is normalised to sum 1).
 
-    Cost: ``O(n^3)``-ish; 0.2 / 0.7 / 6.5 s at n = 1000 / 2000 / 5000 in 2-D on this machine, so ``n`` and ``m``
+    Cost: ``O(n^3)``-ish (seconds at n = 5000 in 2-D on a laptop CPU), so ``n`` and ``m``
     are limited to 5000 (``ValueError``): use :func:`w2_sliced` or :func:`sinkhorn_divergence` beyond.
 
     Accuracy (measured on the reference pair of the module docstring; S = 40, 40, 20 seeds at n = 500, 1000, 2000):
@@ -135,7 +135,7 @@ def w2_exact(x: Any, y: Any, weights: tuple[Any, Any] | None = None) -> float:
     ======  =======================  ==============  =======================================  ===============
 
     The floor shrinks like ``n^{-0.4}`` in 2-D: a measured W2 below it says nothing, and one seed's spread
-    (``sd``) is larger than the bias, so compare methods with common random numbers (``method.md`` section 8; on
+    (``sd``) is larger than the bias, so compare methods with common random numbers (``the paper`` section 8; on
     the toy mixtures the floor is ~0.27 at n = 2000). In higher dimension the bias explodes (64-D, n = 5000: 8.70
     against a true 2.19): use closed forms or :func:`w2_sliced` there.
     """
@@ -166,7 +166,7 @@ def w2_sliced(x: Any, y: Any, n_projections: int = 500, seed: int | None = 0) ->
 
     Computed by ``ot.sliced_wasserstein_distance``, except when ``n == m`` (uniform weights): then each 1-D W2 is
     the mean squared difference of the sorted projections, computed directly (the same value to ~1e-15, but
-    ``O(P n log n)``: 0.1 s instead of POT's 20 s at n = 10^4, P = 500 on this machine).
+    ``O(P n log n)``: orders of magnitude faster than exact OT at n = 10^4).
 
     This is *not* W2: ``SW2 <= W2`` and for a pure mean shift ``SW2^2 = ||m0 - m1||^2 / d``. Compare sliced with
     sliced (closed form for Gaussians: ``SW2^2 = E_theta[(theta.(m0-m1))^2 + (sqrt(theta'S0 theta) -
@@ -190,7 +190,7 @@ def w2_sliced(x: Any, y: Any, n_projections: int = 500, seed: int | None = 0) ->
 
     The projection noise alone (fixed samples, 20 direction seeds) is 1.2 % (sd) at P = 500 and 4.8 % at P = 50:
     it dominates from n ~ 10^4 on, so keep ``n_projections >= 500`` and use the same ``seed`` for every method
-    compared. Cost (here, busy machine): 0.3 s at n = 10^4, ~10 s at n = 10^5 with P = 500.
+    compared. Cost: linear in P and n log n.
     """
     xa, ya = _pair(x, y)
     if isinstance(n_projections, bool) or not isinstance(n_projections, (int, np.integer)) or n_projections < 1:
@@ -376,9 +376,8 @@ def kl_knn(x: Any, y: Any, k: int = 1) -> float:
     10^4    0.986 (0.035), -9.4 %                  0.913 (0.022), -16.2 %
     ======  =====================================  =====================================
 
-    (``machine-notes.md`` found -16 % / -7.5 % at n = 1000 / 10^4 for another pair with KL = 1.04.) Larger ``k``
-    lowers the variance but, on this pair, doubles the bias. Bands asserted by the tests (k = 1): the mean of
-    seeds 0..19 at n = 1000 in [0.83, 0.99] (-24 % .. -9 %) and the mean of seeds 0..4 at n = 10^4 in
+    Larger ``k`` lowers the variance but, on this pair, doubles the bias. Bands asserted by the tests (k = 1): the
+    mean of seeds 0..19 at n = 1000 in [0.83, 0.99] (-24 % .. -9 %) and the mean of seeds 0..4 at n = 10^4 in
     [0.92, 1.05] (-15.5 % .. -3.5 %): biased low at both sizes, less at the larger.
 
     When both log densities are known use :func:`kl_monte_carlo` instead: it is unbiased.

@@ -38,6 +38,7 @@ __all__ = [
     "Coef",
     "AffineStep",
     "AffineEpsModel",
+    "constant_eps_model",
     "bayes_coef",
     "perturbed_coef",
     "affine_map",
@@ -98,11 +99,16 @@ class AffineEpsModel:
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         times, index = torch.unique(t.to(F64), return_inverse=True)
-        out = torch.zeros(x.shape, dtype=F64)
+        out = torch.zeros(x.shape, dtype=F64, device=x.device)
         for k, tk in enumerate(times):
             A, b = self.coef(tk)
             out = torch.where((index == k)[:, None], x.to(F64) @ A.mT + b, out)
         return out.to(x.dtype)
+
+
+def constant_eps_model(A: Tensor, b: Tensor) -> AffineEpsModel:
+    """The time-independent eps-model ``x A^T + b`` (``A`` ``(d, d)``, ``b`` ``(d,)``) as an :class:`AffineEpsModel`."""
+    return AffineEpsModel(lambda t: (A, b))
 
 
 def bayes_coef(data: Gaussian, process: Process) -> Coef:

@@ -1,4 +1,5 @@
-"""Symbolic (sympy) derivations of the closed forms used by the theory checks (``method.md`` C4, C5, C6, C10).
+"""Symbolic (sympy) derivations of the closed forms used by the theory checks (claims C4, C5, C6, C10 of
+``docs/claims.md``).
 
 Each ``derive_*`` function returns a :class:`Derivation`: the sympy expression ``expr`` of the result, the
 lambdified numpy function ``func(*args)`` of it, the argument symbols ``args`` (the order of ``func``'s
@@ -12,26 +13,26 @@ Results (all exact, derived here by sympy and compared numerically in ``tests/te
   ``x~ = sqrt(abar) x0 + sqrt(1 - abar) eps + delta``, ``KL(N(mu_tilde(x~, x0), beta_tilde) ||
   N(mu_theta(x~), beta_tilde)) = c_t (eps_theta - eps - delta / sqrt(1 - abar))^2`` per coordinate with
   ``c_t = beta^2 / (2 beta_tilde alpha (1 - abar))`` (= ``beta / (2 alpha (1 - abar_prev))``); the KL of a mean
-  shift of ``q(x_t | x0)`` is ``delta^2 / (2 (1 - abar))`` (:func:`derive_kl_radius`). Matches ``method.md``.
+  shift of ``q(x_t | x0)`` is ``delta^2 / (2 (1 - abar))`` (:func:`derive_kl_radius`). Matches the paper.
 * **C5** (:func:`derive_at_linear_gaussian`): ``L_AT(a) = V + 2 eta |b| sqrt(2 V / pi) + eta^2 b^2`` with
   ``V = a^2 v - 2 a sigma + 1``, ``v = abar s^2 + sigma^2`` and ``b = a - 1/sigma`` (equivariant target) or
-  ``b = a`` (invariant target). Matches ``method.md``. Minimiser: :func:`at_linear_gaussian_minimiser`; Bayes
+  ``b = a`` (invariant target). Matches the paper. Minimiser: :func:`at_linear_gaussian_minimiser`; Bayes
   ``a* = sigma / v`` (:func:`derive_bayes_linear_coefficient`).
 * **C6** (:func:`derive_random_delta_equivariant`, :func:`derive_ip_scaling`), for any data law:
   ``E[eps + c xi / sigma | x~] = (sqrt(sigma^2 + c^2) / sigma) E[eps_eff | x~]`` and
   ``E[eps | x] = E[eps + gamma xi | x] / (1 + gamma^2) = E[eps_eff | x] / sqrt(1 + gamma^2)``, where ``eps_eff``
   is the unit-variance total noise, i.e. ``E[eps_eff | .]`` is the clean-data eps-optimum at the *effective* noise
-  level of the input. So ``method.md``'s factors (``sqrt(sigma^2 + c^2)/sigma`` up, ``1/sqrt(1 + gamma^2)`` down)
+  level of the input. So the paper's factors (``sqrt(sigma^2 + c^2)/sigma`` up, ``1/sqrt(1 + gamma^2)`` down)
   are exact relative to that reference; ``1/(1 + gamma^2)`` is the IP factor relative to the un-normalised total
-  noise ``eps + gamma xi``. **Discrepancy with the wording of method.md:** relative to the clean optimum at the
+  noise ``eps + gamma xi``. **Discrepancy with the wording of the paper:** relative to the clean optimum at the
   *nominal* level (the coefficient ``a* = sigma / v`` a clean model applies to the same input), the factors are
   data dependent -- for 1-D ``N(0, s^2)`` data ``(sigma^2 + c^2) v / (sigma^2 (v + c^2))`` in
   ``[1, (sigma^2 + c^2)/sigma^2]`` and ``v / (v + sigma^2 gamma^2)`` in ``[1/(1 + gamma^2), 1]`` -- and equal
-  ``method.md``'s factors only at ``abar s^2 = sigma sqrt(sigma^2 + c^2)`` resp. ``abar s^2 = sigma^2
+  the paper's factors only at ``abar s^2 = sigma sqrt(sigma^2 + c^2)`` resp. ``abar s^2 = sigma^2
   sqrt(1 + gamma^2)``. The directions (up vs down) hold in every sense.
 * **C10** (:func:`derive_ve_consistency_map`): ``x_s = x_t sqrt(s^2 + s_d^2) / sqrt(t^2 + s_d^2)`` and
-  ``f(x, t) = x sqrt(eps0^2 + s_d^2) / sqrt(t^2 + s_d^2)``, ``s_d`` the data standard deviation (``method.md``
-  writes ``s`` for it). Matches ``method.md``.
+  ``f(x, t) = x sqrt(eps0^2 + s_d^2) / sqrt(t^2 + s_d^2)``, ``s_d`` the data standard deviation (the paper
+  writes ``s`` for it). Matches the paper.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def derive_kl_gaussians_1d() -> Derivation:
 
 @cache
 def derive_dro_at_constant() -> Derivation:
-    """The constant ``c_t`` of the DRO = AT identity (``method.md`` section 2, C4), derived in 1-D (the
+    """The constant ``c_t`` of the DRO = AT identity (claim C4 in ``docs/claims.md``), derived in 1-D (the
     identity holds per coordinate since both laws are isotropic Gaussians with the same variance).
 
     Symbols: ``alpha = alpha_t`` (``beta = 1 - alpha``), ``abar_prev = abar_{t-1}``, ``abar = alpha abar_prev``,
@@ -254,7 +255,7 @@ def _linear_cov(u: dict[sp.Symbol, sp.Expr], w: dict[sp.Symbol, sp.Expr]) -> sp.
 
 @cache
 def derive_at_linear_gaussian(target: str = "equivariant") -> Derivation:
-    """Closed-form AT loss of a linear eps-model on 1-D Gaussian data (``method.md`` C5).
+    """Closed-form AT loss of a linear eps-model on 1-D Gaussian data (claim C5 in ``docs/claims.md``).
 
     Data ``x0 = s z0 ~ N(0, s^2)``, ``x_t = sqrt(abar) x0 + sigma eps`` (``sigma^2 = 1 - abar`` for VP; any
     ``sigma > 0`` is allowed), model ``eps_theta(x) = a x``, worst case ``|delta| <= eta``:
@@ -311,7 +312,7 @@ def derive_at_linear_gaussian(target: str = "equivariant") -> Derivation:
                   "loss(delta) - (r + b delta)^2": step2,
                   "max(endpoints) - (|r| + eta|b|)^2": step3,
                   "E|r| - sqrt(2V/pi)": e_abs - sp.sqrt(2 * Vs / sp.pi),
-                  "L_AT - method.md form": L - L_method},
+                  "L_AT - paper form": L - L_method},
                  "L_AT(a) = V + 2 eta |b| sqrt(2V/pi) + eta^2 b^2, b = a - 1/sigma (equivariant) or a (invariant)")
 
 
@@ -393,7 +394,7 @@ def _regression(target: dict, inp: dict) -> sp.Expr:
 @cache
 def derive_random_delta_equivariant() -> Derivation:
     """Optimal eps-prediction under random perturbations ``delta = c xi`` (``xi ~ N(0, 1)`` independent) with the
-    equivariant target ``eps + delta / sigma`` (``method.md`` C6, first half).
+    equivariant target ``eps + delta / sigma`` (claim C6, first half in ``docs/claims.md``).
 
     Input ``x~ = sqrt(abar) x0 + sigma eps + c xi``, target ``T = eps + c xi / sigma``, data ``x0 ~ N(0, s^2)``.
     Write ``n = sigma eps + c xi`` (the total noise, standard deviation ``sigma_eff = sqrt(sigma^2 + c^2)``) and
@@ -401,7 +402,7 @@ def derive_random_delta_equivariant() -> Derivation:
 
     **(i) for any data law**: ``E[T | x~] = (sqrt(sigma^2 + c^2) / sigma) E[eps_eff | x~]``, where
     ``E[eps_eff | x~]`` is the clean-data eps-optimum of the process ``sqrt(abar) x0 + sigma_eff eps_eff`` at the
-    input ``x~``. This is ``method.md``'s factor ``sqrt(sigma^2 + c^2) / sigma`` (up), and it is exact in this
+    input ``x~``. This is the paper's factor ``sqrt(sigma^2 + c^2) / sigma`` (up), and it is exact in this
     sense.
 
     **(ii) 1-D Gaussian data**: the optimum is linear, ``E[T | x~] = k x~`` with
@@ -410,7 +411,7 @@ def derive_random_delta_equivariant() -> Derivation:
     network trained without perturbation would output at the same input), the factor is
     ``k / a* = (sigma^2 + c^2) (abar s^2 + sigma^2) / (sigma^2 (abar s^2 + sigma^2 + c^2))``
     (``extras["ratio_vs_clean_nominal"]``): data dependent, between ``1`` (``s -> 0``) and
-    ``(sigma^2 + c^2) / sigma^2`` (``s -> inf``, the square of ``method.md``'s factor); it equals
+    ``(sigma^2 + c^2) / sigma^2`` (``s -> inf``, the square of the paper's factor); it equals
     ``sqrt(sigma^2 + c^2) / sigma`` only at ``abar s^2 = sigma sqrt(sigma^2 + c^2)``. So the direction (up)
     holds in every sense, the exact factor ``sqrt(sigma^2 + c^2)/sigma`` only in sense (i).
     """
@@ -448,7 +449,7 @@ def derive_random_delta_equivariant() -> Derivation:
 
 @cache
 def derive_ip_scaling() -> Derivation:
-    """Optimal eps-prediction under input perturbation (IP, Ning et al. 2023; ``method.md`` C6, second half).
+    """Optimal eps-prediction under input perturbation (IP, Ning et al. 2023; claim C6, second half).
 
     Input ``x = sqrt(abar) x0 + sigma (eps + gamma xi)``, target ``eps``. Write ``m = eps + gamma xi`` (the total
     noise in units of ``sigma``, variance ``1 + gamma^2``) and ``m' = m / sqrt(1 + gamma^2)`` (unit variance; the
@@ -458,7 +459,7 @@ def derive_ip_scaling() -> Derivation:
     **(i) for any data law**: ``E[eps | x] = E[eps + gamma xi | x] / (1 + gamma^2)`` -- a factor
     ``1 / (1 + gamma^2)`` relative to predicting the *total* noise ``m``; equivalently
     ``E[eps | x] = E[m' | x] / sqrt(1 + gamma^2)`` -- a factor ``1 / sqrt(1 + gamma^2)`` relative to the clean-data
-    eps-optimum at the effective noise level ``sigma_eff``. ``method.md``'s ``1 / sqrt(1 + gamma^2)`` is the latter
+    eps-optimum at the effective noise level ``sigma_eff``. The paper's ``1 / sqrt(1 + gamma^2)`` is the latter
     (the same convention as the ``sqrt(sigma^2 + c^2) / sigma`` of :func:`derive_random_delta_equivariant`); the
     ``1 / (1 + gamma^2)`` is the former. Both are exact; they differ only in what is normalised.
 
@@ -504,13 +505,13 @@ def derive_ip_scaling() -> Derivation:
 @cache
 def derive_ve_consistency_map() -> Derivation:
     """The exact probability-flow map and consistency function of 1-D Gaussian data ``N(0, s_d^2)`` under the
-    VE process ``x_t = x0 + t z`` (``method.md`` C10).
+    VE process ``x_t = x0 + t z`` (claim C10 in ``docs/claims.md``).
 
     ``q(x_t) = N(0, t^2 + s_d^2)``, score ``d/dx log q = -x / (t^2 + s_d^2)`` (differentiated symbolically), the
     probability-flow ODE ``dx/dt = -t score = t x / (t^2 + s_d^2)`` solved by ``sympy.dsolve``:
     ``x(t) = C sqrt(t^2 + s_d^2)``, so the flow map from ``t`` to ``s`` is
     ``x_s = x_t sqrt(s^2 + s_d^2) / sqrt(t^2 + s_d^2)`` and the consistency function (flow to ``eps0 = 0.002``) is
-    ``f(x, t) = x sqrt(eps0^2 + s_d^2) / sqrt(t^2 + s_d^2)``. ``method.md`` writes ``s`` for the data standard
+    ``f(x, t) = x sqrt(eps0^2 + s_d^2) / sqrt(t^2 + s_d^2)``. The paper writes ``s`` for the data standard
     deviation ``s_d`` (and the same letter is used for a time here): with that reading it agrees. ``s_d`` is the
     *actual* data standard deviation, not the ``sigma_data = 0.5`` of the CM parameterisation.
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..param import convert
 from ..processes import Process, expand_like
-from .base import GridModel, SampleResult, prepare, randn_like, report, step_pairs, tabulate_linear
+from ..validate import check_real
+from .base import GridModel, SampleResult, check_clip, prepare, randn_like, report, step_pairs, tabulate_linear
 
 __all__ = ["sample_ddim", "ddim_step"]
 
@@ -39,19 +41,22 @@ def ddim_step(x: Tensor, eps: Tensor, process: Process, t: Tensor, s: Tensor, *,
 
 
 def sample_ddim(model: Callable, x_T: Tensor, process: Process, grid: Tensor, *, eta: float = 0.0,
-                clip_x0: float | None = None, generator: torch.Generator | None = None,
-                callback: Callable[[dict], None] | None = None, progress: bool = False,
-                dtype: torch.dtype | None = None) -> SampleResult:
+                clip_x0: float | None = None, cond: Mapping[str, Any] | None = None,
+                generator: torch.Generator | None = None, callback: Callable[[dict], None] | None = None,
+                progress: bool = False, dtype: torch.dtype | None = None, check_finite: bool = True
+                ) -> SampleResult:
     """DDIM: one :func:`ddim_step` per grid interval. ``eta = 0`` is the deterministic probability-flow
     discretisation, first order in the step size. Without ``clip_x0`` the step, linear in ``(x, eps, noise)``,
     is tabulated once for the whole grid (:func:`~atdiff.samplers.base.tabulate_linear` on :func:`ddim_step`).
+    ``cond``, ``callback``, ``check_finite`` as in :func:`~atdiff.samplers.ancestral.sample_ddpm`.
 
     Shapes: ``x_T`` ``(B, ...)``; ``grid`` ``(N + 1,)`` decreasing. Returns ``SampleResult(x, nfe=N)``.
     """
-    if not eta >= 0:
-        raise ValueError(f"eta: expected >= 0, got {eta}")
-    x, grid = prepare(x_T, process, grid, dtype)
-    evaluate = GridModel(model, process, grid, "eps")
+    eta = check_real(eta, "eta", 0.0)
+    clip_x0 = check_clip(clip_x0)
+    x, grid = prepare(x_T, process, grid, dtype, model)
+    evaluate = GridModel(model, process, grid, "eps", cond, sampler="sample_ddim", check=check_finite)
+    times = evaluate.times
     t_vec, s_vec, n = grid[:-1], grid[1:], len(grid) - 1
     if clip_x0 is None:
         step = tabulate_linear(lambda y, e, *z: ddim_step(y, e, process, t_vec, s_vec, eta=eta,
@@ -67,5 +72,6 @@ def sample_ddim(model: Callable, x_T: Tensor, process: Process, grid: Tensor, *,
             x = step[0][i] * x + step[1][i] * eps
             if eta:
                 x = x + step[2][i] * noise
-        report(callback, i=i, t=t, s=s, x=x, x0=x0, eps=eps)
+        evaluate.check_step(i)
+        report(callback, i=i, t=times[i], s=times[i + 1], x=x, x0=x0, nfe=evaluate.nfe)
     return SampleResult(x, evaluate.nfe)

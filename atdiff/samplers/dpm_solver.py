@@ -26,7 +26,8 @@ factor 2 and the measured order is 3.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,7 +46,8 @@ from .base import (
     time_like,
 )
 
-__all__ = ["sample_dpm_solver", "SOLVERS", "METHODS", "dpm_update", "multistep_terms"]
+__all__ = ["sample_dpm_solver", "SOLVERS", "METHODS", "dpm_update", "multistep_terms", "step_orders",
+           "singlestep_orders_for_nfe"]
 
 SOLVERS = ("dpmsolver", "dpmsolver++")
 METHODS = ("multistep", "singlestep")
@@ -115,10 +117,11 @@ def multistep_terms(history: Sequence[tuple[float, Tensor]], lam_next: float, or
     return [m0, d1, d2]
 
 
-def _step_orders(n_steps: int, order: int, method: str, lower_order_final: bool, sigma_end: list[float]
-                 ) -> list[int]:
-    """The order of each step: multistep warm-up (step ``i`` has at most ``i + 1`` predictions), lower order
-    at the end for short runs, order 1 into ``sigma = 0``."""
+def step_orders(n_steps: int, order: int, method: str, lower_order_final: bool, sigma_end: Sequence[float]
+                ) -> list[int]:
+    """The order of each of ``n_steps`` steps: multistep warm-up (step ``i`` has at most ``i + 1``
+    predictions), lower order at the end for short runs (``lower_order_final`` and ``n_steps < 10``: at most the
+    number of steps left), order 1 into ``sigma = 0`` (``sigma_end[i]``: sigma at the end of step ``i``)."""
     orders = []
     for i in range(n_steps):
         k = order
@@ -132,11 +135,40 @@ def _step_orders(n_steps: int, order: int, method: str, lower_order_final: bool,
     return orders
 
 
+def singlestep_orders_for_nfe(nfe: int, order: int) -> list[int]:
+    """DPM-Solver-fast's step orders for exactly ``nfe`` evaluations (Lu et al. 2022): with ``order = 3``,
+    ``K = nfe // 3 + 1`` steps of order 3 except the last ones, ``[.., 2, 1]`` if ``nfe % 3 == 0``, ``[.., 1]``
+    if ``nfe % 3 == 1``, ``[.., 2]`` if ``nfe % 3 == 2``; with ``order = 2``, steps of order 2 and a final order
+    1 for odd ``nfe``; with ``order = 1``, ``nfe`` first-order steps. The orders sum to ``nfe``."""
+    check_order(order)
+    if order == 3:
+        k = nfe // 3 + 1
+        tail = {0: [2, 1], 1: [1], 2: [2]}[nfe % 3]
+        return [3] * (k - len(tail)) + tail
+    if order == 2:
+        return [2] * (nfe // 2) + [1] * (nfe % 2)
+    return [1] * nfe
+
+
+def _check_orders(orders: Sequence[int], n_steps: int, method: str, sigma_end: Sequence[float]) -> list[int]:
+    orders = list(orders)
+    if len(orders) != n_steps:
+        raise ValueError(f"orders: expected one order per step ({n_steps}), got {len(orders)}")
+    for i, k in enumerate(orders):
+        check_order(k)
+        if method == "multistep" and k > i + 1:
+            raise ValueError(f"orders: multistep step {i} has {i + 1} predictions, cannot be of order {k}")
+        if sigma_end[i] == 0.0 and k != 1:
+            raise ValueError(f"orders: step {i} ends at sigma = 0 and must be of order 1, got {k}")
+    return orders
+
+
 def sample_dpm_solver(model: Callable, x_T: Tensor, process: Process, grid: Tensor, *, order: int = 2,
                       solver: str = "dpmsolver++", method: str = "multistep", lower_order_final: bool = True,
+                      orders: Sequence[int] | None = None, cond: Mapping[str, Any] | None = None,
                       generator: torch.Generator | None = None,
                       callback: Callable[[dict], None] | None = None, progress: bool = False,
-                      dtype: torch.dtype | None = None) -> SampleResult:
+                      dtype: torch.dtype | None = None, check_finite: bool = True) -> SampleResult:
     """DPM-Solver(++) of order 1-3 along ``grid`` (see the module docstring for the updates).
 
     ``method="multistep"`` uses one network evaluation per step (NFE = N) and the predictions at earlier grid
@@ -145,21 +177,28 @@ def sample_dpm_solver(model: Callable, x_T: Tensor, process: Process, grid: Tens
     prediction barely changes near the prior (measured global order 3).
     ``"singlestep"`` evaluates at ``order - 1`` intermediate times inside each step (NFE = sum of the step
     orders). ``lower_order_final`` lowers the order of the last steps when ``N < 10`` (DPM-Solver's rule
-    for few steps). ``generator`` is accepted for the common signature (the solver is deterministic).
+    for few steps). ``orders`` gives the order of every step explicitly instead (``order`` and
+    ``lower_order_final`` are then unused), e.g. :func:`singlestep_orders_for_nfe` for an exact NFE budget.
+    ``generator`` is accepted for the common signature (the solver is deterministic). ``cond``, ``callback``,
+    ``check_finite`` as in :func:`~atdiff.samplers.ancestral.sample_ddpm`.
 
     Shapes: ``x_T`` ``(B, ...)``; ``grid`` ``(N + 1,)`` decreasing. Returns ``SampleResult(x, nfe)``.
     """
     check_order(order)
     check_choice(solver, SOLVERS, "solver")
     check_choice(method, METHODS, "method")
-    x, grid = prepare(x_T, process, grid, dtype)
+    x, grid = prepare(x_T, process, grid, dtype, model)
     table = grid_table(process, grid)
     points = [_Point(*v) for v in zip(grid.tolist(), table.alpha, table.sigma, table.lam, strict=True)]
     data_pred = solver == "dpmsolver++"
-    orders = _step_orders(len(grid) - 1, order, method, lower_order_final, table.sigma[1:])
-    evaluate = GridModel(model, process, grid, "x0" if data_pred else "eps")
+    if orders is None:
+        orders = step_orders(len(grid) - 1, order, method, lower_order_final, table.sigma[1:])
+    else:
+        orders = _check_orders(orders, len(grid) - 1, method, table.sigma[1:])
+    evaluate = GridModel(model, process, grid, "x0" if data_pred else "eps", cond, sampler="sample_dpm_solver",
+                         check=check_finite)
     history: list[tuple[float, Tensor]] = []
-    for i, t, s in step_pairs(grid, x, progress, f"{solver}-{method}"):
+    for i, t, _ in step_pairs(grid, x, progress, f"{solver}-{method}"):
         a, b, k = points[i], points[i + 1], orders[i]
         m0 = evaluate.at(x, i)[0]
         history = (history + [(a.lam, m0)])[-3:]
@@ -168,9 +207,10 @@ def sample_dpm_solver(model: Callable, x_T: Tensor, process: Process, grid: Tens
             x = dpm_update(x, multistep_terms(history, b.lam, k), a, b, data_pred)
         else:
             x = _singlestep(x, m0, a, b, k, data_pred, process, lambda y, p: evaluate.off_grid(y, p.t))
+        evaluate.check_step(i)
         if callback is not None:
             x0 = m0 if data_pred else convert(m0, x_in, time_like(t, x_in), process, "eps", "x0")
-            report(callback, i=i, t=t, s=s, x=x, x0=x0, order=k, nfe=evaluate.nfe)
+            report(callback, i=i, t=a.t, s=b.t, x=x, x0=x0, nfe=evaluate.nfe)
     return SampleResult(x, evaluate.nfe)
 
 

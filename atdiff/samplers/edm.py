@@ -12,12 +12,14 @@ the ODE's derivative ``(y - D(y)) / sigma``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..processes import Process
+from ..validate import check_real
 from .base import GridModel, SampleResult, grid_table, prepare, randn_like, report, step_pairs
 from .grids import edm_sigma, edm_time
 
@@ -32,26 +34,29 @@ def churn_gamma(sigma: float, n_steps: int, S_churn: float, S_min: float, S_max:
 
 
 def _check_churn(S_churn: float, S_min: float, S_max: float, S_noise: float) -> None:
-    if not S_churn >= 0:
-        raise ValueError(f"S_churn: expected >= 0, got {S_churn}")
-    if not 0 <= S_min <= S_max:
+    check_real(S_churn, "S_churn", 0.0)
+    check_real(S_noise, "S_noise", 0.0)
+    check_real(S_min, "S_min", 0.0)
+    if isinstance(S_max, bool) or not isinstance(S_max, int | float) or math.isnan(S_max):  # +inf is allowed
+        raise ValueError(f"S_max: expected a number (inf allowed), got {S_max!r}")
+    if not S_min <= S_max:
         raise ValueError(f"S_min, S_max: need 0 <= S_min <= S_max, got {S_min}, {S_max}")
-    if not S_noise >= 0:
-        raise ValueError(f"S_noise: expected >= 0, got {S_noise}")
 
 
 def _sample_edm(model: Callable, x_T: Tensor, process: Process, grid: Tensor, heun: bool, S_churn: float,
-                S_min: float, S_max: float, S_noise: float, generator: torch.Generator | None,
-                callback: Callable[[dict], None] | None, progress: bool, dtype: torch.dtype | None
-                ) -> SampleResult:
+                S_min: float, S_max: float, S_noise: float, cond: Mapping[str, Any] | None,
+                generator: torch.Generator | None, callback: Callable[[dict], None] | None, progress: bool,
+                dtype: torch.dtype | None, check_finite: bool) -> SampleResult:
     _check_churn(S_churn, S_min, S_max, S_noise)
-    x, grid = prepare(x_T, process, grid, dtype)
+    x, grid = prepare(x_T, process, grid, dtype, model)
     table = grid_table(process, grid)
     sigma_top = edm_sigma(process, process.t_max).item()
     n_steps = len(grid) - 1
-    evaluate = GridModel(model, process, grid, "eps")
+    evaluate = GridModel(model, process, grid, "eps", cond, sampler="sample_heun" if heun else "sample_euler",
+                         check=check_finite)
+    times = evaluate.times
     y = x / table.alpha[0]
-    for i, t, s in step_pairs(grid, x, progress, "heun" if heun else "euler"):
+    for i, _, _ in step_pairs(grid, x, progress, "heun" if heun else "euler"):
         sig, sig_next = table.edm[i], table.edm[i + 1]
         gamma = churn_gamma(sig, n_steps, S_churn, S_min, S_max)
         if gamma > 0:  # raise the noise level to sig_hat (capped at the process's largest level)
@@ -66,36 +71,41 @@ def _sample_edm(model: Callable, x_T: Tensor, process: Process, grid: Tensor, he
         if heun and sig_next > 0:
             d_next = evaluate.at(table.alpha[i + 1] * y_next, i + 1)[0]
             y_next = y + (sig_next - sig_hat) * (0.5 * (d + d_next))
+        evaluate.check_step(i)
         if callback is not None:
-            report(callback, i=i, t=t, s=s, sigma=sig_hat, x=table.alpha[i + 1] * y_next, x0=y - sig_hat * d)
+            report(callback, i=i, t=times[i], s=times[i + 1], x=table.alpha[i + 1] * y_next, x0=y - sig_hat * d,
+                   nfe=evaluate.nfe)
         y = y_next
     return SampleResult(table.alpha[-1] * y, evaluate.nfe)
 
 
 def sample_euler(model: Callable, x_T: Tensor, process: Process, grid: Tensor, *, S_churn: float = 0.0,
-                 S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
-                 generator: torch.Generator | None = None, callback: Callable[[dict], None] | None = None,
-                 progress: bool = False, dtype: torch.dtype | None = None) -> SampleResult:
+                S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
+                cond: Mapping[str, Any] | None = None, generator: torch.Generator | None = None,
+                callback: Callable[[dict], None] | None = None, progress: bool = False,
+                dtype: torch.dtype | None = None, check_finite: bool = True) -> SampleResult:
     """EDM Euler: ``y <- y + (sigma_next - sigma_hat) eps_hat`` per grid step, first order; with
     ``S_churn > 0`` each step first raises ``sigma`` to ``sigma_hat = sigma (1 + gamma)`` by adding noise of
     variance ``S_noise^2 (sigma_hat^2 - sigma^2)`` (:func:`churn_gamma`; capped at ``sigma(t_max)``).
+    ``cond``, ``callback``, ``check_finite`` as in :func:`~atdiff.samplers.ancestral.sample_ddpm`.
 
     Shapes: ``x_T`` ``(B, ...)``; ``grid`` ``(N + 1,)`` decreasing process times. Returns
     ``SampleResult(x, nfe=N)``.
     """
-    return _sample_edm(model, x_T, process, grid, False, S_churn, S_min, S_max, S_noise, generator, callback,
-                       progress, dtype)
+    return _sample_edm(model, x_T, process, grid, False, S_churn, S_min, S_max, S_noise, cond, generator,
+                       callback, progress, dtype, check_finite)
 
 
 def sample_heun(model: Callable, x_T: Tensor, process: Process, grid: Tensor, *, S_churn: float = 0.0,
                 S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
-                generator: torch.Generator | None = None, callback: Callable[[dict], None] | None = None,
-                progress: bool = False, dtype: torch.dtype | None = None) -> SampleResult:
+                cond: Mapping[str, Any] | None = None, generator: torch.Generator | None = None,
+                callback: Callable[[dict], None] | None = None, progress: bool = False,
+                dtype: torch.dtype | None = None, check_finite: bool = True) -> SampleResult:
     """EDM Heun (second order): the Euler step corrected by the trapezoidal average of ``eps_hat`` at both
     ends; the last step into ``sigma = 0`` stays Euler. Churn as in :func:`sample_euler`.
 
     Shapes: ``x_T`` ``(B, ...)``; ``grid`` ``(N + 1,)`` decreasing process times. Returns
     ``SampleResult(x, nfe=2N - 1)`` when the grid ends at ``sigma = 0`` (``2N`` otherwise).
     """
-    return _sample_edm(model, x_T, process, grid, True, S_churn, S_min, S_max, S_noise, generator, callback,
-                       progress, dtype)
+    return _sample_edm(model, x_T, process, grid, True, S_churn, S_min, S_max, S_noise, cond, generator,
+                       callback, progress, dtype, check_finite)

@@ -7,6 +7,7 @@ from ``t - T // n`` arithmetic. Grids are float64 tensors of shape ``(N + 1,)`` 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -14,7 +15,7 @@ from torch import Tensor
 from ..processes import VE, Process, VPDiscrete
 
 __all__ = ["uniform_grid", "karras_grid", "respacing_timesteps", "respaced_grid", "check_grid", "SKIP_TYPES",
-           "default_t_end", "edm_sigma", "edm_time", "karras_time_grid", "dpm_grid"]
+           "default_t_end", "edm_sigma", "edm_time", "karras_time_grid", "dpm_grid", "check_steps", "MAX_STEPS"]
 
 #: DPM-Solver's time-step spacings
 SKIP_TYPES = ("time-uniform", "logSNR", "time-quadratic")
@@ -36,9 +37,21 @@ def check_grid(grid: Tensor, process: Process, name: str = "grid") -> Tensor:
     return grid
 
 
+#: the largest number of steps a grid builder accepts (refused before anything is allocated)
+MAX_STEPS = 100_000
+
+
+def check_steps(steps: object, name: str = "steps") -> int:
+    """A number of steps: an integer (Python or NumPy, never ``bool``) in ``[1, MAX_STEPS]``; returned as int."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise ValueError(f"{name}: expected an integer number of steps >= 1, got {steps!r}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"{name}: expected 1 <= steps <= {MAX_STEPS}, got {steps}")
+    return int(steps)
+
+
 def _check_steps(steps: int) -> None:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
+    check_steps(steps)
 
 
 def uniform_grid(process: Process, steps: int, t_end: float | None = None, t_start: float | None = None
@@ -47,6 +60,9 @@ def uniform_grid(process: Process, steps: int, t_end: float | None = None, t_sta
     (default ``t_min``). For :class:`VPDiscrete` the times are rounded to integers, which must stay distinct.
     """
     _check_steps(steps)
+    if isinstance(process, VPDiscrete) and steps > process.T:
+        raise ValueError(f"steps: a uniform grid of integer times on a process of T = {process.T} has at most "
+                         f"{process.T} steps, got {steps}")
     t_start = process.t_max if t_start is None else float(t_start)
     t_end = process.t_min if t_end is None else float(t_end)
     grid = torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..param import learned_variance_of, predict_with_variance, prediction_of
 from ..processes import Process, VPDiscrete, expand_like
+from ..validate import check_real
 from .ancestral import sample_ddpm
 from .base import SampleResult
 from .grids import respacing_timesteps
@@ -39,7 +40,8 @@ def respace(process: VPDiscrete, spec: str | int) -> tuple[VPDiscrete, list[int]
 class RespacedModel(nn.Module):
     """Wrap a model of the original process for the respaced one: time ``k`` (0..K, non-integer times
     interpolate) becomes the original timestep ``kept[k - 1]`` (0 stays 0). Keeps the wrapped model's
-    ``prediction`` and ``learned_variance``."""
+    ``prediction`` and ``learned_variance`` (read through DDP / ``AveragedModel`` / ``torch.compile`` wrappers)
+    and hands the conditioning keywords to it untouched."""
 
     def __init__(self, model: Callable, kept: Sequence[int]) -> None:
         super().__init__()
@@ -65,7 +67,8 @@ def sample_iddpm(model: Callable, x_T: Tensor, process: Process, grid: Tensor, *
     """IDDPM ancestral sampling: :func:`~atdiff.samplers.ancestral.sample_ddpm` with the learned-range
     variance of a ``learned_variance`` model (``variance="small"`` / ``"large"`` for a fixed one). Use the
     respaced grid of the original process (``respaced_grid(process, "50")``) or :func:`respace` with a
-    :class:`RespacedModel`; both give the same samples. Returns ``SampleResult(x, nfe=N)``."""
+    :class:`RespacedModel`; both give the same samples. ``opts`` (``cond``, ``clip_x0``, ``callback``, ...) go
+    to :func:`~atdiff.samplers.ancestral.sample_ddpm`. Returns ``SampleResult(x, nfe=N)``."""
     return sample_ddpm(model, x_T, process, grid, variance=variance, **opts)
 
 
@@ -80,12 +83,14 @@ class EpsilonScaling(nn.Module):
     """Epsilon scaling (ES): the wrapped model's noise prediction divided by ``lambda(t)`` before any sampler
     step, ``lambda(t) = lam + slope * t / t_max`` (constant for ``slope = 0``; the paper's ``lam = 1.017``).
 
-    Declares ``prediction = "eps"`` and passes a learned variance through unchanged. For an eps-model with
+    Declares ``prediction = "eps"`` and passes a learned variance through unchanged; the conditioning
+    keywords go to the wrapped model untouched. For an eps-model with
     ``lam = 1, slope = 0`` every sampler gives exactly (bitwise) the samples of the unwrapped model.
     """
 
     def __init__(self, model: Callable, process: Process, lam: float = 1.017, slope: float = 0.0) -> None:
         super().__init__()
+        lam, slope = check_real(lam, "lam"), check_real(slope, "slope")
         if not lam > 0 or not lam + slope > 0:
             raise ValueError(f"lam, slope: lambda(t) = lam + slope t / t_max must stay > 0, got {lam}, "
                              f"{slope}")
@@ -98,6 +103,6 @@ class EpsilonScaling(nn.Module):
         return self.lam + self.slope * (t / self.process.t_max)
 
     def forward(self, x: Tensor, t: Tensor, **cond) -> Tensor:
-        eps, v = predict_with_variance(self.model, x, t, self.process, "eps", **cond)
+        eps, v = predict_with_variance(self.model, x, t, self.process, "eps", cond=cond)
         eps = eps / expand_like(self.scale(t), eps)
         return eps if v is None else torch.cat([eps, v], dim=1)
