@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["DistInfo", "init_distributed", "is_distributed", "rank0_print", "all_gather_cat", "all_gather_objects",
-           "barrier", "broadcast_object", "global_draw", "cleanup"]
+           "gather_objects", "barrier", "broadcast_object", "global_draw", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,16 @@ def all_gather_objects(obj: Any) -> list[Any]:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_objects(obj: Any, dst: int = 0) -> list[Any] | None:
+    """Every rank's picklable ``obj`` in rank order on rank ``dst`` (None on the other ranks). Without a process
+    group: ``[obj]``."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
     return out
 
 

@@ -37,10 +37,11 @@ from torch import Tensor, nn
 from atdiff.checkpoint import load_checkpoint, read_config, rng_state, save_checkpoint, set_rng_state
 from atdiff.data import ImageStream, read_cifar10, read_digits, read_image_folder, read_imagenet64_npz, read_mnist5k
 from atdiff.distributed import DistInfo, all_gather_cat, all_gather_objects, cleanup, global_draw, init_distributed
+from atdiff.eval.samples_io import save_grid, to_uint8
 from atdiff.losses import DenoisingLoss, HybridLoss, LossDraw
 from atdiff.networks.unet import UNet
 from atdiff.perturb import Perturber, input_perturbation
-from atdiff.precond import DiffusionModel, declare
+from atdiff.precond import DiffusionModel
 from atdiff.processes import VPDiscrete
 from atdiff.samplers import sample
 from atdiff.train import EMA, free_at_step, train_step
@@ -55,7 +56,7 @@ from benchmarks.recipes import (
     smoke_version,
 )
 
-__all__ = ["build_process", "build_model", "build_loss", "build_perturber", "read_data", "load_run", "save_grid",
+__all__ = ["build_process", "build_model", "build_loss", "build_perturber", "read_data", "load_run", "grid_scale",
            "train", "main", "TrainResult"]
 
 LATEST = "ckpt/latest.pt"
@@ -200,49 +201,30 @@ class _RunLoss:
 # ----------------------------------------------------------------------------------------------- images
 
 
-def save_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
-    """Write images ``(N, C, H, W)`` in ``[-1, 1]`` (C = 1 or 3) as one PNG grid with a 1-pixel border."""
-    from PIL import Image
-
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-    n, c, h, w = x.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / nrow)
-    grid = np.zeros((c, rows * (h + 1) + 1, nrow * (w + 1) + 1), dtype=np.uint8)
-    for i in range(n):
-        r, k = divmod(i, nrow)
-        grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + k * (w + 1): 1 + k * (w + 1) + w] = x[i]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.fromarray(grid[0] if c == 1 else grid.transpose(1, 2, 0), mode="L" if c == 1 else "RGB")
-    scale = max(1, 128 // max(h, w))
-    if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    image.save(path)
-    return path
-
-
-def conditioned(model: nn.Module, labels: Tensor | None):
-    """``model`` with the class labels ``(B,)`` bound (for samplers, which call ``model(x, t)``)."""
-    if labels is None:
-        return model
-    fn = lambda x, t: model(x, t, y=labels)  # noqa: E731
-    return declare(fn, prediction=model.prediction, learned_variance=model.learned_variance)
+def grid_scale(image_size: int) -> int:
+    """Pixel repetition that makes a grid of small images visible (about 64 pixels per image)."""
+    return max(1, 64 // image_size)
 
 
 @torch.no_grad()
-def sample_grid(model: DiffusionModel, recipe: Recipe, path: Path, device: torch.device) -> Path:
+def sample_grid(model: DiffusionModel, recipe: Recipe, path: Path, device: torch.device) -> Path | None:
     """``train.num_samples`` samples from ``model`` with ``train.sampler`` in ``train.sample_steps`` steps and a
-    fixed seed (grids of one run are comparable), written by :func:`save_grid`."""
+    fixed seed (grids of one run are comparable) as a PNG grid (:func:`atdiff.eval.save_grid`); None, with a
+    warning, if a sample is not finite."""
     d, t = recipe.data, recipe.train
     gen = torch.Generator(device=device).manual_seed(t.seed + 1)
     x_T = torch.randn((t.num_samples, d.channels, d.image_size, d.image_size), generator=gen, device=device)
     labels = torch.arange(t.num_samples, device=device) % d.num_classes if d.class_cond else None
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the training's global RNG stream is left as it was
-        result = sample(t.sampler, conditioned(model.eval(), labels), x_T, model.process, t.sample_steps,
-                        generator=gen)
-    return save_grid(result.x, path)
+        result = sample(t.sampler, model.eval(), x_T, model.process, t.sample_steps, generator=gen,
+                        cond=None if labels is None else {"y": labels})
+    if not bool(torch.isfinite(result.x).all()):
+        warnings.warn(f"samples: non-finite values in the grid for {path.name}; no grid written", stacklevel=2)
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(path, to_uint8(result.x), pad=1, scale=grid_scale(d.image_size))
+    return path
 
 
 # ----------------------------------------------------------------------------------------------- loading runs
@@ -281,8 +263,8 @@ def _load_weights(model: nn.Module, state: dict, ckpt: Path, arg: str) -> None:
     model.load_state_dict(state)
 
 
-def _init_from(model: DiffusionModel, recipe: Recipe, path: str | os.PathLike) -> None:
-    """Start from the EMA weights of a checkpoint of the same network (checked before anything is loaded)."""
+def _check_init_from(recipe: Recipe, path: str | os.PathLike) -> Path:
+    """The checkpoint behind ``path``, verified to hold the recipe's network (``ValueError`` naming what differs)."""
     ckpt = _checkpoint_path(path)
     try:
         saved = read_config(ckpt)
@@ -293,6 +275,12 @@ def _init_from(model: DiffusionModel, recipe: Recipe, path: str | os.PathLike) -
         diff = sorted(k for k in set(net or {}) | set(recipe.network) if (net or {}).get(k) != recipe.network.get(k))
         raise ValueError(f"init_from: {ckpt} holds another network (keys that differ: {diff}); the recipe "
                          f"{recipe.name} needs {recipe.network}")
+    return ckpt
+
+
+def _init_from(model: DiffusionModel, recipe: Recipe, path: str | os.PathLike) -> None:
+    """Start from the EMA weights of a checkpoint of the same network (checked before anything is loaded)."""
+    ckpt = _check_init_from(recipe, path)
     payload = load_checkpoint(ckpt, restore_rng=False)
     _load_weights(model, payload["ema"]["model"], ckpt, "init_from")
 
@@ -467,6 +455,8 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, info: DistInfo | None =
     if not resume and (run_dir / LATEST).exists():
         raise ValueError(f"out: {run_dir} already holds a run; continue it with --resume {run_dir} or choose "
                          f"another --out")
+    if init_from is not None:
+        _check_init_from(recipe, init_from)
     writer = None
     if tensorboard and info.is_main:
         try:
