@@ -182,8 +182,8 @@ def _states_equal(a, b, where="") -> None:
 
 @pytest.mark.parametrize("sets", [("network.dropout=0.2",), ("perturb.kind=ip",)], ids=["at-dropout", "ip"])
 def test_train_n_plus_resume_n_equals_train_2n(tmp_path, sets):
-    """Free AT with the importance sampler (warm within the first half on a 10-step process) and dropout (global RNG), and
-    input perturbation (per-rank generator): 8 + 8 steps through a checkpoint equal 16 steps bit for bit."""
+    """Free AT with the importance sampler (warm within the first half on a 10-step process) and dropout (global
+    RNG), and input perturbation (per-rank generator): 8 + 8 steps through a checkpoint equal 16 steps bit for bit."""
     recipe = _tiny("digits-at", "train.steps=16", "optim.batch_size=32", *sets)
     straight = launcher.train(recipe, tmp_path / "straight", progress=False)
     half = resolve_steps(recipe, 8)
