@@ -89,12 +89,15 @@ class PerturbConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW on the global batch ``batch_size`` (split over the processes), EMA decay, precision on CUDA."""
+    """AdamW on the global batch ``batch_size`` (split over the processes), EMA decay (``ema_warmup``: decay
+    ``min(ema, (1 + n) / (10 + n))`` at update ``n``, for short runs), gradient-norm clipping (0: none), precision
+    on CUDA."""
 
     lr: float = 1e-4
     weight_decay: float = 0.0
     batch_size: int = 128
     ema: float = 0.9999
+    ema_warmup: bool = False
     grad_clip: float = 0.0
     precision: str = "bf16"
 
@@ -198,7 +201,8 @@ def _build_recipes() -> dict[str, Recipe]:
         data=DataConfig("digits", "", 1, 8, 10, False, False, 8),
         network=_small_network(1, 8, [1, 2], [4], 32, 0.0),
         diffusion=DiffusionConfig("cosine", 1000, "hybrid", 0.001, True),
-        optim=OptimConfig(lr=1e-3, weight_decay=0.0, batch_size=128, ema=0.999, grad_clip=1.0, precision="fp32"),
+        optim=OptimConfig(lr=1e-3, weight_decay=0.0, batch_size=128, ema=0.999, ema_warmup=True, grad_clip=1.0,
+                          precision="fp32"),
         train=TrainConfig(steps=3000, seed=0, log_every=50, sample_every=1000, checkpoint_every=1000, keep_every=0,
                           sampler="iddpm", sample_steps=50, num_samples=100))
     recipes.update(_variants(digits, ("digits-std", "digits-ip", "digits-at"), False))
@@ -208,7 +212,8 @@ def _build_recipes() -> dict[str, Recipe]:
         data=DataConfig("mnist5k", "", 1, 32, 10, False, False, 32),
         network=_small_network(1, 32, [1, 2, 2], [8], 32, 0.0),
         diffusion=DiffusionConfig("cosine", 1000, "hybrid", 0.001, True),
-        optim=OptimConfig(lr=5e-4, weight_decay=0.0, batch_size=64, ema=0.999, grad_clip=1.0, precision="fp32"),
+        optim=OptimConfig(lr=5e-4, weight_decay=0.0, batch_size=64, ema=0.999, ema_warmup=True, grad_clip=1.0,
+                          precision="fp32"),
         train=TrainConfig(steps=4000, seed=0, log_every=50, sample_every=1000, checkpoint_every=1000, keep_every=0,
                           sampler="iddpm", sample_steps=50, num_samples=64))
     recipes.update(_variants(mnist, ("mnist5k-std", "mnist5k-ip", "mnist5k-at"), False))

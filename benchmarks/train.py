@@ -325,7 +325,7 @@ def _build_run(recipe: Recipe, images: Any, labels: Any, info: DistInfo, init_fr
     draw_gen = torch.Generator(device=info.device).manual_seed(recipe.train.seed)
     rank_gen = torch.Generator(device=info.device).manual_seed(_rank_seed(recipe.train.seed, info.rank) + 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    ema = EMA(model, o.ema)
+    ema = EMA(model, o.ema, warmup=o.ema_warmup)
     cuda = info.device.type == "cuda"
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(o.precision) if cuda else None
     scaler = torch.amp.GradScaler("cuda") if cuda and o.precision == "fp16" else None
