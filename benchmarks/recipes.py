@@ -203,8 +203,8 @@ def _build_recipes() -> dict[str, Recipe]:
         diffusion=DiffusionConfig("cosine", 1000, "hybrid", 0.001, True),
         optim=OptimConfig(lr=1e-3, weight_decay=0.0, batch_size=128, ema=0.999, ema_warmup=True, grad_clip=1.0,
                           precision="fp32"),
-        train=TrainConfig(steps=3000, seed=0, log_every=50, sample_every=1000, checkpoint_every=1000, keep_every=0,
-                          sampler="iddpm", sample_steps=50, num_samples=100))
+        train=TrainConfig(steps=1500, seed=0, log_every=50, sample_every=250, checkpoint_every=500, keep_every=0,
+                          sampler="ddim", sample_steps=50, num_samples=100))
     recipes.update(_variants(digits, ("digits-std", "digits-ip", "digits-at"), False))
 
     mnist = Recipe(
@@ -215,7 +215,7 @@ def _build_recipes() -> dict[str, Recipe]:
         optim=OptimConfig(lr=5e-4, weight_decay=0.0, batch_size=64, ema=0.999, ema_warmup=True, grad_clip=1.0,
                           precision="fp32"),
         train=TrainConfig(steps=4000, seed=0, log_every=50, sample_every=1000, checkpoint_every=1000, keep_every=0,
-                          sampler="iddpm", sample_steps=50, num_samples=64))
+                          sampler="ddim", sample_steps=50, num_samples=64))
     recipes.update(_variants(mnist, ("mnist5k-std", "mnist5k-ip", "mnist5k-at"), False))
     return recipes
 
