@@ -5,7 +5,7 @@ network is a dict of :class:`atdiff.networks.unet.UNet` keyword arguments. ``pyt
 --dry-run`` prints the resolved recipe; every checkpoint stores it (``config.json`` of the run and the checkpoint
 sidecar). Recipes:
 
-* ``cifar10-adm``, ``cifar10-adm-ip``, ``cifar10-adm-at``: the CIFAR-10 setting of Wang et al. (2025, Sec. 5):
+* ``cifar10-adm``, ``cifar10-adm-ip``, ``cifar10-adm-at``: the CIFAR-10 setting of Wang et al. (2025):
   ADM UNet (128 channels, mult (1, 2, 2, 2), 3 residual blocks, attention at 16 and 8 with 32 channels per head,
   BigGAN up/down residual blocks, scale-shift norm, dropout 0.3, learned sigma), 1000 cosine steps, hybrid loss with
   the loss-second-moment time sampler, AdamW lr 1e-4, weight decay 0, global batch 128, EMA 0.9999, bf16 autocast on

@@ -414,6 +414,15 @@ def _log_line(run: _Run, stats: dict[str, Any], step: int, samples_per_s: float,
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in line.items()}
 
 
+def _summary_writer(path: Path | None):
+    """A tensorboard ``SummaryWriter`` on ``path`` (None: only check that tensorboard is installed)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ValueError("tensorboard: not installed (pip install tensorboard); drop --tensorboard") from err
+    return None if path is None else SummaryWriter(str(path))
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines beyond ``step`` (written after the checkpoint a resumed run continues from)."""
     if not path.is_file():
@@ -447,7 +456,7 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, info: DistInfo | None =
         raise ValueError(f"optim.batch_size: the global batch {recipe.optim.batch_size} is not divisible by the "
                          f"{info.world_size} processes")
     if recipe.train.requires_init and init_from is None and not resume and not smoke:
-        raise ValueError(f"init_from: recipe {recipe.name} fine-tunes a clean checkpoint (Wang et al. 2025, Sec. 5); "
+        raise ValueError(f"init_from: recipe {recipe.name} fine-tunes a clean checkpoint (as Wang et al. 2025 do); "
                          f"pass --init-from RUN_DIR_OR_CKPT (e.g. a run of the clean recipe) or --set "
                          f"train.requires_init=False to train from scratch")
     if resume and not (run_dir / LATEST).is_file():
@@ -457,16 +466,12 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, info: DistInfo | None =
                          f"another --out")
     if init_from is not None:
         _check_init_from(recipe, init_from)
-    writer = None
-    if tensorboard and info.is_main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as err:
-            raise ValueError("tensorboard: not installed (pip install tensorboard), drop --tensorboard") from err
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
+    if tensorboard:
+        _summary_writer(None)
     images, labels = read_data(recipe, smoke=smoke)
     run = _build_run(recipe, images, labels, info, init_from)
     step, elapsed = _resume(run, run_dir, info) if resume else (0, 0.0)
+    writer = _summary_writer(run_dir / "tensorboard") if tensorboard and info.is_main else None
     log_path = run_dir / "log.jsonl"
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
