@@ -30,10 +30,12 @@ __all__ = ["network_time", "DiffusionModel", "edm_scalings", "EDMPrecond", "cons
 
 
 def network_time(process: Process, t: Tensor) -> Tensor:
-    """The time value a network is conditioned on, of order 1..1000 for sinusoidal embeddings.
+    """The time value this library's networks are conditioned on, of order 1..1000 for sinusoidal embeddings.
 
     ``VPDiscrete``: ``t`` itself (``1..T``); ``VPContinuous``: ``1000 t``; ``VE``: ``250 log t``, i.e. 1000 times
-    EDM's ``c_noise = log(sigma) / 4``. Shape of ``t``; float32 or wider.
+    EDM's ``c_noise = log(sigma) / 4``. Shape of ``t``; float32 or wider. Networks trained elsewhere have their own
+    convention: ADM / guided-diffusion and diffusers networks see the step index ``t - 1`` (use
+    :class:`atdiff.interop.ADMModel` or :func:`atdiff.interop.from_diffusers`, not :class:`DiffusionModel`).
     """
     t = t if t.is_floating_point() else t.to(torch.get_default_dtype())
     if isinstance(process, VE):

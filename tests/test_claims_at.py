@@ -52,7 +52,9 @@ def c4_error(process, d, t, seed, c_fn=c4.c_t, model_kind="linear"):
 @given(d=st.integers(1, 6), schedule=SCHEDULES, t=st.integers(2, 1000), seed=st.integers(0, 2**16),
        model_kind=st.sampled_from(["linear", "mlp"]))
 def test_c4_identity_holds(d, schedule, t, seed, model_kind):
-    assert c4_error(PROCESSES[schedule], d, t, seed, model_kind=model_kind) < 1e-11
+    # float64 round-off of the two sides reaches ~1e-11 of the scale (hypothesis found 1.05e-11 at d=1, t=386);
+    # the wrong constants below are off by 1e-2 and more
+    assert c4_error(PROCESSES[schedule], d, t, seed, model_kind=model_kind) < 1e-10
 
 
 @pytest.mark.parametrize("wrong", [

@@ -24,10 +24,18 @@ def test_readme_opens_with_the_main_job_and_the_tests():
 
 
 def test_readme_example_trains_with_free_at_and_samples():
-    (code,) = _blocks("python")
+    code = _blocks("python")[0]
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["result"].nfe == 25
     assert namespace["stats"]["updates"] == 3
     # an untrained MLP lands at W2 ~ 45 on this mixture and the two-sample floor at n = 1000 is ~0.25
     assert namespace["w2"] < 0.6, namespace["w2"]
+
+
+def test_every_other_readme_python_block_runs():
+    for code in _blocks("python")[1:]:
+        namespace: dict = {}
+        exec(compile(code, "README.md", "exec"), namespace)
+        if "images" in namespace:  # the conditioning example: one guided sample per label
+            assert namespace["images"].shape == (4, 1, 8, 8) and bool(namespace["images"].isfinite().all())

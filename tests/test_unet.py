@@ -2,11 +2,14 @@ import pytest
 import torch
 
 from atdiff.losses import DenoisingLoss
-from atdiff.networks import UNet, unet_cifar10, unet_imagenet64, unet_small
-from atdiff.networks.unet import ResBlock, num_groups
-from atdiff.precond import DiffusionModel
+from atdiff.networks import UNet, unet_cifar10, unet_cifar10_adm, unet_imagenet64, unet_small
+from atdiff.networks.unet import AttentionBlock, ResBlock, num_groups, qkv_permutation
+from atdiff.param import learned_variance_of, prediction_of
+from atdiff.precond import ClassifierFreeGuidance, DiffusionModel, declare
 from atdiff.processes import VPDiscrete
 from atdiff.train import train_step
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster on 2 busy cores
 
 
 def adm_like(**kw):
@@ -133,11 +136,11 @@ def test_unet_small_overfits_a_tiny_batch():
     loss = DenoisingLoss(process)
     # a fixed evaluation set of (t, eps) on the same images, so the comparison is free of sampling noise
     x_eval = x0.repeat(4, 1, 1, 1)
-    t_eval, eps_eval = loss.draw(x_eval, torch.Generator().manual_seed(1))
+    record = loss.draw(x_eval, torch.Generator().manual_seed(1))
 
     def evaluate(m):
         with torch.no_grad():
-            return loss(m, x_eval, t=t_eval, eps=eps_eval).mean().item()
+            return loss.evaluate(m, x_eval, record).mean().item()
 
     # the best data-blind predictor of the form c(t) x_t (Gaussian shrinkage with the data's second moment)
     s2 = x0.pow(2).mean()
@@ -155,7 +158,8 @@ def test_unet_small_overfits_a_tiny_batch():
     final = evaluate(model)
     assert abs(initial - 1) < 0.1  # zero output: the loss is mean(eps^2)
     assert final < 0.5 * initial
-    assert final < evaluate(shrinkage)  # it learned the images, not just a per-time rescaling of x_t
+    # it learned the images, not just a per-time rescaling of x_t
+    assert final < evaluate(declare(shrinkage, prediction="eps"))
 
 
 def test_bf16_autocast_forward_is_close_to_fp32():
@@ -213,3 +217,127 @@ def test_labels_are_rejected_by_an_unconditional_net():
 def test_bad_constructor_arguments_raise_naming_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=f"^{name}:"):
         adm_like(**kwargs)
+
+
+def adm_count(width, mult, blocks, attention_levels, in_ch=3, out_ch=3, updown=False, scale_shift=True):
+    """ADM's parameter count from its published layout, layer by layer in closed form (3x3 conv: 9ab + b,
+    1x1 conv / linear: ab + b, GroupNorm: 2c), independent of how the library builds its modules."""
+    emb = 4 * width
+
+    def conv3(a, b):
+        return 9 * a * b + b
+
+    def lin(a, b):
+        return a * b + b
+
+    def res(a, b):
+        return 2 * a + conv3(a, b) + lin(emb, (2 if scale_shift else 1) * b) + 2 * b + conv3(b, b) + \
+            (lin(a, b) if a != b else 0)
+
+    def attn(c):
+        return 2 * c + lin(c, 3 * c) + lin(c, c)
+
+    total = lin(width, emb) + lin(emb, emb) + conv3(in_ch, width * mult[0])
+    ch, skips = width * mult[0], [width * mult[0]]
+    for level, m in enumerate(mult):
+        for _ in range(blocks):
+            total += res(ch, width * m) + (attn(width * m) if level in attention_levels else 0)
+            ch = width * m
+            skips.append(ch)
+        if level < len(mult) - 1:
+            total += res(ch, ch) if updown else conv3(ch, ch)
+            skips.append(ch)
+    total += 2 * res(ch, ch) + attn(ch)
+    for level in reversed(range(len(mult))):
+        for i in range(blocks + 1):
+            total += res(ch + skips.pop(), width * mult[level])
+            ch = width * mult[level]
+            total += attn(ch) if level in attention_levels else 0
+            if level and i == blocks:
+                total += res(ch, ch) if updown else conv3(ch, ch)
+    return total + 2 * ch + conv3(ch, out_ch)
+
+
+def test_paper_cifar10_network_parameter_count_in_closed_form():
+    with torch.device("meta"):
+        paper, iddpm = unet_cifar10_adm(), unet_cifar10()
+    # 128 channels, mult (1, 2, 2, 2), 3 blocks, attention at 16x16 and 8x8 (levels 1 and 2), learned sigma
+    want = adm_count(128, (1, 2, 2, 2), 3, {1, 2}, out_ch=6, updown=True)
+    assert count(paper) == want == 57_094_662
+    # IDDPM's model differs only in its resampling layers (3x3 convs instead of residual blocks)
+    assert count(iddpm) == adm_count(128, (1, 2, 2, 2), 3, {1, 2}, out_ch=6, updown=False)
+    heads = {m.num_heads for m in paper.modules() if isinstance(m, AttentionBlock)}
+    assert heads == {256 // 32} and paper.attention_order == "new" and paper.learned_variance
+    assert {m.order for m in paper.modules() if isinstance(m, AttentionBlock)} == {"new"}
+    assert {m.dropout.p for m in paper.modules() if isinstance(m, ResBlock)} == {0.3}
+    assert all(m.use_scale_shift_norm for m in paper.modules() if isinstance(m, ResBlock))
+
+
+def test_unet_declares_eps_and_its_learned_variance():
+    assert adm_like().prediction == "eps" and adm_like().learned_variance
+    assert unet_small().prediction == "eps" and not unet_small().learned_variance
+    assert prediction_of(adm_like()) == "eps" and learned_variance_of(adm_like())
+    assert not learned_variance_of(unet_small())
+
+
+def test_null_class_adds_one_label_row_for_guidance():
+    base = adm_like()
+    guided = adm_like(null_class=True)
+    assert base.null_label is None and guided.null_label == 5
+    assert guided.label_embed.num_embeddings == 6 and base.label_embed.num_embeddings == 5
+    assert count(guided) - count(base) == 4 * 32  # one embedding row of the 4 * model_channels time width
+    with torch.device("meta"):  # off by default: presets keep ADM's parameter count
+        assert count(unet_imagenet64()) == 295_904_454
+    wake(guided).eval()
+    x, t, y = inputs(guided)
+    null = torch.full_like(y, guided.null_label)
+    with torch.no_grad():
+        cond, uncond = guided(x, t, y), guided(x, t, null)
+        # the null label is an ordinary row of the embedding: its output is the net with that row's vector
+        emb_null = guided.label_embed.weight[5].clone()
+        guided.label_embed.weight[y] = emb_null
+        torch.testing.assert_close(guided(x, t, y), uncond)
+    assert (cond - uncond).abs().max() > 1e-2 * cond.abs().max()
+    with pytest.raises(ValueError, match="^null_class:"):
+        unet_small(null_class=True)
+
+
+@pytest.mark.parametrize("order", ["new", "legacy"])
+def test_attention_orders_are_permutations_of_each_other(order):
+    """A net of either attention order equals the other order's net with permuted qkv rows; with one head per
+    layer the orders coincide."""
+    net = wake(adm_like(attention_order=order)).eval()
+    other = "legacy" if order == "new" else "new"
+    twin = adm_like(attention_order=other).eval()
+    state = net.state_dict()
+    for name, module in net.named_modules():
+        if isinstance(module, AttentionBlock):
+            perm = qkv_permutation(module.qkv.in_channels, module.num_heads, order, other)
+            for leaf in ("weight", "bias"):
+                state[f"{name}.qkv.{leaf}"] = state[f"{name}.qkv.{leaf}"][perm]
+    twin.load_state_dict(state)
+    x, t, y = inputs(net)
+    with torch.no_grad():
+        out = net(x, t, y)
+        torch.testing.assert_close(twin(x, t, y), out, rtol=1e-4, atol=1e-5 * out.abs().max().item())
+        twin.load_state_dict(net.state_dict())  # unpermuted: another function when heads > 1
+        assert (twin(x, t, y) - out).abs().max() > 1e-3 * out.abs().max()
+    with pytest.raises(ValueError, match="^attention_order:"):
+        adm_like(attention_order="old")
+
+
+def test_null_label_drives_classifier_free_guidance():
+    net = wake(adm_like(null_class=True)).eval()
+    process = VPDiscrete("cosine", T=100)
+    model = DiffusionModel(net, process)
+    x, _, y = inputs(net)
+    t = torch.tensor([3.0, 40.0, 70.0, 100.0])
+    with torch.no_grad():
+        cond = model(x, t, y=y)
+        uncond = model(x, t, y=torch.full_like(y, net.null_label))
+        outs = {s: ClassifierFreeGuidance(model, s, {"y": net.null_label})(x, t, y=y) for s in (0.0, 1.0, 3.0)}
+    tol = dict(rtol=1e-4, atol=1e-5 * cond.abs().max().item())  # a batch of 2B may sum in another order
+    torch.testing.assert_close(outs[1.0], cond, **tol)
+    torch.testing.assert_close(outs[0.0][:, :3], uncond[:, :3], **tol)
+    torch.testing.assert_close(outs[3.0][:, :3], 3 * cond[:, :3] - 2 * uncond[:, :3], **tol)
+    torch.testing.assert_close(outs[3.0][:, 3:], cond[:, 3:], **tol)  # the variance channels stay conditional

@@ -15,7 +15,11 @@ Architecture, written from the papers' description:
   encoder skip;
 * residual blocks ``GroupNorm -> SiLU -> conv -> [emb] -> GroupNorm -> SiLU -> dropout -> conv`` where the
   embedding enters as an additive bias or, with ``use_scale_shift_norm``, as ``norm(h) * (1 + scale) +
-  shift``; multi-head QKV self-attention over the spatial positions;
+  shift``; multi-head QKV self-attention over the spatial positions, whose ``3C`` projection channels are
+  read either as (q|k|v, head, channel) (``attention_order="new"``, guided-diffusion's "new attention order")
+  or as (head, q|k|v, channel) (``"legacy"``, the layout of improved-diffusion and of guided-diffusion by
+  default). The two orders compute the same family of functions: they differ by a fixed permutation of the
+  projection's output channels (see :func:`qkv_permutation`);
 * zero-initialised last layers (the output conv, the last conv of every residual block and the attention
   output projection), so a fresh network predicts exactly 0 and every block starts as the identity.
 
@@ -32,9 +36,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..validate import check_choice
 from .embeddings import sinusoidal_embedding
 
-__all__ = ["UNet", "unet_cifar10", "unet_imagenet64", "unet_small", "num_groups"]
+__all__ = ["UNet", "unet_cifar10", "unet_cifar10_adm", "unet_imagenet64", "unet_small", "num_groups",
+           "qkv_permutation", "ATTENTION_ORDERS"]
+
+#: how the ``3C`` channels of the attention's qkv projection are laid out (see :func:`qkv_permutation`)
+ATTENTION_ORDERS = ("new", "legacy")
 
 
 def num_groups(channels: int, max_groups: int = 32) -> int:
@@ -53,6 +62,25 @@ class GroupNorm32(nn.GroupNorm):
         with torch.autocast(device_type=x.device.type, enabled=False):
             return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(),
                                 self.eps).to(x.dtype)
+
+
+def qkv_permutation(channels: int, num_heads: int, src: str, dst: str) -> Tensor:
+    """Indices ``perm`` ``(3 * channels,)`` such that ``w_dst = w_src[perm]`` re-lays the output channels of a
+    qkv projection from attention order ``src`` to ``dst`` (each ``"new"`` or ``"legacy"``).
+
+    ``"new"`` orders the channels as (q|k|v, head, c) and ``"legacy"`` as (head, q|k|v, c), with
+    ``c < channels // num_heads``; with one head the orders coincide and ``perm`` is the identity."""
+    check_choice(src, ATTENTION_ORDERS, "src")
+    check_choice(dst, ATTENTION_ORDERS, "dst")
+    if num_heads < 1 or channels % num_heads:
+        raise ValueError(f"num_heads: expected a divisor of the channel count {channels}, got {num_heads}")
+    ch = channels // num_heads
+    index = torch.arange(3 * channels)
+    if src == dst:
+        return index
+    if dst == "new":  # position (s, h, c) of the new layout reads (h, s, c) of the legacy one
+        return index.reshape(num_heads, 3, ch).transpose(0, 1).reshape(-1)
+    return index.reshape(3, num_heads, ch).transpose(0, 1).reshape(-1)
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -134,13 +162,17 @@ class ResBlock(nn.Module):
 
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the ``H*W`` positions, with a residual connection.
-    ``(B, C, H, W) -> (B, C, H, W)``; ``C`` must be divisible by ``num_heads``."""
+    ``(B, C, H, W) -> (B, C, H, W)``; ``C`` must be divisible by ``num_heads``. ``order`` is the layout of the
+    qkv projection's output channels: ``"new"`` (q|k|v, head, c) or ``"legacy"`` (head, q|k|v, c)."""
 
-    def __init__(self, channels: int, num_heads: int = 1, *, use_checkpoint: bool = False) -> None:
+    def __init__(self, channels: int, num_heads: int = 1, *, order: str = "new",
+                 use_checkpoint: bool = False) -> None:
         super().__init__()
         if num_heads < 1 or channels % num_heads:
             raise ValueError(f"num_heads: expected a divisor of the channel count {channels}, got {num_heads}")
+        check_choice(order, ATTENTION_ORDERS, "order")
         self.num_heads = num_heads
+        self.order = order
         self.use_checkpoint = use_checkpoint
         self.norm = GroupNorm32(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
@@ -149,8 +181,11 @@ class AttentionBlock(nn.Module):
     def _forward(self, x: Tensor) -> Tensor:
         b, c, hh, ww = x.shape
         qkv = self.qkv(self.norm(x).reshape(b, c, hh * ww))  # (B, 3C, T)
-        # (B, 3, heads, C/heads, T) -> three (B, heads, T, C/heads)
-        q, k, v = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, hh * ww).transpose(-1, -2).unbind(1)
+        heads, ch = self.num_heads, c // self.num_heads
+        if self.order == "new":  # (B, 3, heads, C/heads, T) -> three (B, heads, T, C/heads)
+            q, k, v = qkv.reshape(b, 3, heads, ch, hh * ww).transpose(-1, -2).unbind(1)
+        else:  # (B, heads, 3, C/heads, T)
+            q, k, v = qkv.reshape(b, heads, 3, ch, hh * ww).transpose(-1, -2).unbind(2)
         a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, C/heads)
         a = a.transpose(-1, -2).reshape(b, c, hh * ww)
         return x + self.proj(a).reshape(b, c, hh, ww)
@@ -173,6 +208,10 @@ class _Block(nn.ModuleList):
 class UNet(nn.Module):
     """ADM UNet ``net(x, t, y=None) -> (B, out, H, W)``; see the module docstring for the architecture.
 
+    The network declares what it predicts, as ADM does: ``prediction = "eps"`` and ``learned_variance`` equal
+    to ``learn_sigma`` (the second half of the output channels is IDDPM's variance interpolation). Wrap it in
+    ``atdiff``'s diffusion-model wrapper to declare another kind or to map process times to network times.
+
     Args:
         in_channels: channels of ``x``.
         model_channels: base width; level ``i`` has ``model_channels * channel_mult[i]`` channels and the
@@ -193,21 +232,31 @@ class UNet(nn.Module):
         use_scale_shift_norm: condition the residual blocks through ``norm(h) * (1 + scale) + shift``
             (AdaGN) rather than an additive bias.
         resblock_updown: resample with residual blocks (ADM) instead of strided conv / upsample+conv.
+        attention_order: ``"new"`` (q, k, v split before the heads; guided-diffusion's
+            ``use_new_attention_order``) or ``"legacy"`` (heads split first; improved-diffusion).
         learn_sigma: double ``out_channels``.
         num_classes: number of classes for class conditioning (a learned label embedding added to the
             time embedding); None for an unconditional model.
+        null_class: add one more label embedding row, the "no class" label ``num_classes`` (attribute
+            ``null_label``), for classifier-free guidance (label dropout in training, the unconditional branch
+            in sampling). Off by default, so presets keep their published parameter counts.
         image_size: the side length ``H == W`` of the inputs.
         use_checkpoint: gradient checkpointing of every residual and attention block (recompute in the
             backward pass; saves activation memory, same gradients).
     """
 
+    #: what the network predicts (ADM's convention; read by ``atdiff.param.prediction_of``)
+    prediction = "eps"
+
     def __init__(self, in_channels: int, model_channels: int, out_channels: int, num_res_blocks: int,
                  attention_resolutions: Iterable[int], dropout: float = 0.0,
                  channel_mult: Sequence[int] = (1, 2, 4, 8), num_heads: int = 1,
                  num_head_channels: int | None = None, use_scale_shift_norm: bool = True,
-                 resblock_updown: bool = False, learn_sigma: bool = False, num_classes: int | None = None,
-                 image_size: int = 32, use_checkpoint: bool = False) -> None:
+                 resblock_updown: bool = False, attention_order: str = "new", learn_sigma: bool = False,
+                 num_classes: int | None = None, null_class: bool = False, image_size: int = 32,
+                 use_checkpoint: bool = False) -> None:
         super().__init__()
+        check_choice(attention_order, ATTENTION_ORDERS, "attention_order")
         for name, value in (("in_channels", in_channels), ("model_channels", model_channels),
                             ("out_channels", out_channels), ("num_res_blocks", num_res_blocks),
                             ("image_size", image_size)):
@@ -228,6 +277,8 @@ class UNet(nn.Module):
             raise ValueError(f"num_head_channels: expected >= 1 or None, got {num_head_channels}")
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes: expected >= 1 or None, got {num_classes}")
+        if null_class and num_classes is None:
+            raise ValueError("null_class: needs a class-conditional model (num_classes given)")
         resolutions = {image_size // 2**level for level in range(levels)}
         attention_resolutions = tuple(sorted({int(r) for r in attention_resolutions}, reverse=True))
         if not set(attention_resolutions) <= resolutions:
@@ -237,6 +288,9 @@ class UNet(nn.Module):
         self.in_channels, self.model_channels, self.image_size = in_channels, model_channels, image_size
         self.out_channels = out_channels * (2 if learn_sigma else 1)
         self.num_classes = num_classes
+        self.null_label = num_classes if null_class else None
+        self.learned_variance = bool(learn_sigma)
+        self.attention_order = attention_order
         self.attention_resolutions = attention_resolutions
         self.channel_mult = channel_mult
         emb_ch = 4 * model_channels
@@ -253,10 +307,10 @@ class UNet(nn.Module):
                             use_checkpoint=use_checkpoint, **kw)
 
         def attn(ch: int) -> AttentionBlock:
-            return AttentionBlock(ch, heads(ch), use_checkpoint=use_checkpoint)
+            return AttentionBlock(ch, heads(ch), order=attention_order, use_checkpoint=use_checkpoint)
 
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
-        self.label_embed = nn.Embedding(num_classes, emb_ch) if num_classes is not None else None
+        self.label_embed = nn.Embedding(num_classes + int(null_class), emb_ch) if num_classes is not None else None
 
         ch = model_channels * channel_mult[0]
         self.input_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
@@ -310,7 +364,8 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """``x`` ``(B, in_channels, image_size, image_size)``, ``t`` ``(B,)`` float network times, ``y``
-        ``(B,)`` integer labels in ``[0, num_classes)`` iff class-conditional.
+        ``(B,)`` integer labels in ``[0, num_classes)`` iff class-conditional (``num_classes`` is the null
+        label when ``null_class``).
         Returns ``(B, out_channels, image_size, image_size)`` (``out_channels`` doubled if ``learn_sigma``)."""
         self._check(x, t, y)
         emb = self.time_embed(sinusoidal_embedding(t, self.model_channels).to(x.dtype))
@@ -334,6 +389,19 @@ def unet_cifar10(**overrides) -> UNet:
     cfg = dict(in_channels=3, model_channels=128, out_channels=3, num_res_blocks=3,
                attention_resolutions=(16, 8), dropout=0.3, channel_mult=(1, 2, 2, 2), num_heads=4,
                use_scale_shift_norm=True, resblock_updown=False, learn_sigma=True, image_size=32)
+    return UNet(**{**cfg, **overrides})
+
+
+def unet_cifar10_adm(**overrides) -> UNet:
+    """The CIFAR-10 network of Wang et al. 2025 (their experiments' ADM setting): the ADM UNet (Dhariwal & Nichol
+    2021) with 128 channels, mult (1, 2, 2, 2), 3 residual blocks, attention at 16x16 and 8x8 with 32
+    channels per head, BigGAN-style up/down-sampling residual blocks, the new attention order, scale-shift
+    norm, dropout 0.3 and learned sigma. Unlike :func:`unet_cifar10` (IDDPM's model: 4 heads, convolutional
+    resampling) its resampling blocks carry parameters: 57,094,662 in all."""
+    cfg = dict(in_channels=3, model_channels=128, out_channels=3, num_res_blocks=3,
+               attention_resolutions=(16, 8), dropout=0.3, channel_mult=(1, 2, 2, 2), num_head_channels=32,
+               use_scale_shift_norm=True, resblock_updown=True, attention_order="new", learn_sigma=True,
+               image_size=32)
     return UNet(**{**cfg, **overrides})
 
 

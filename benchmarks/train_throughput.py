@@ -1,0 +1,225 @@
+"""Train-step throughput: the library's ADM UNet (standard training and free AT) against diffusers' ``UNet2DModel``.
+
+Three arms train on the same minibatches, with the same loss (:class:`atdiff.losses.DenoisingLoss` on a cosine
+``VPDiscrete`` process, T = 1000), optimiser (Adam) and train step (:func:`atdiff.train.train_step`):
+
+* ``atdiff``          -- :class:`atdiff.networks.UNet` in the ADM layout of Wang et al. 2025's CIFAR-10 network
+  (scale-shift norm, BigGAN up/down blocks, new attention order), scaled down by ``--channels`` / ``--blocks``;
+* ``atdiff-free-at``  -- the same network under :func:`atdiff.train.free_at_step` (the paper's free AT:
+  ``K`` replays per minibatch, each one parameter update, so its time is reported per update);
+* ``diffusers``       -- a ``UNet2DModel`` of matched width and depth (the same block widths, residual blocks
+  per level, attention levels and channels per head, scale-shift time conditioning), wrapped by
+  :class:`atdiff.interop.DiffusersModel`.
+
+The arms run interleaved in one process (their order rotates every repeat), each on its own copy of its
+network, after an untimed warm-up. Each repeat gives one paired ratio per comparison (both arms timed within
+the same repeat, so slow phases of a noisy machine hit both); the report is the median ratio over the repeats
+with a distribution-free confidence interval for that median (binomial order statistics, no resampling).
+Usage::
+
+    python -m benchmarks.train_throughput [--quick] [--json PATH] [--repeats N] [--steps S] [--batch B]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from atdiff.interop import DiffusersModel
+from atdiff.losses import DenoisingLoss
+from atdiff.networks import UNet
+from atdiff.perturb import PAPER_REPLAY, PAPER_TARGET_MODE, paper_at
+from atdiff.precond import DiffusionModel
+from atdiff.processes import VPDiscrete
+from atdiff.train import free_at_step, train_step
+
+__all__ = ["median_ci", "library_unet", "diffusers_unet", "main"]
+
+
+def median_ci(samples: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """The median of ``samples`` and a distribution-free ``level`` confidence interval for the population
+    median: the order statistics ``x_(k)`` and ``x_(n+1-k)`` with ``k`` the largest rank such that
+    ``P(Binomial(n, 1/2) < k) <= (1 - level) / 2``. With too few samples for that level (n < 6 at 95%), the
+    interval is the sample range, and its true coverage ``1 - 2^(1-n)`` is lower than asked."""
+    xs = sorted(samples)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("samples: expected at least one value")
+    alpha = (1 - level) / 2
+    k, cdf = 0, 0.0
+    for j in range(n + 1):  # cdf = P(B < j + 1) after adding P(B = j)
+        cdf += math.comb(n, j) / 2**n
+        if cdf > alpha:
+            k = j  # P(B < k) <= alpha < P(B <= k)
+            break
+    k = max(k, 1)
+    return statistics.median(xs), xs[k - 1], xs[n - k]
+
+
+def library_unet(channels: int, blocks: int, size: int, head_channels: int) -> UNet:
+    """The paper's ADM layout at width ``channels``, mult (1, 2, 2), attention at the two lower resolutions."""
+    return UNet(3, channels, 3, blocks, attention_resolutions=(size // 2, size // 4), channel_mult=(1, 2, 2),
+                num_head_channels=head_channels, use_scale_shift_norm=True, resblock_updown=True,
+                attention_order="new", image_size=size)
+
+
+def diffusers_unet(channels: int, blocks: int, size: int, head_channels: int) -> nn.Module:
+    """diffusers' ``UNet2DModel`` with the same levels, widths, blocks per level and attention placement."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=size, in_channels=3, out_channels=3,
+                       block_out_channels=(channels, 2 * channels, 2 * channels), layers_per_block=blocks,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                       attention_head_dim=head_channels, resnet_time_scale_shift="scale_shift",
+                       downsample_type="resnet", upsample_type="resnet", norm_num_groups=32)
+
+
+@dataclass
+class Arm:
+    name: str
+    updates_per_call: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    run: Callable[[nn.Module, Tensor, torch.optim.Optimizer, torch.Generator], object]
+    generator: torch.Generator
+
+
+def time_arm(arm: Arm, batches: list[Tensor]) -> float:
+    """Wall time (s) per parameter update of one pass of ``arm`` over ``batches``."""
+    sync = torch.cuda.synchronize if batches[0].is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for x0 in batches:
+        arm.run(arm.model, x0, arm.optimizer, arm.generator)
+    sync()
+    return (time.perf_counter() - start) / (len(batches) * arm.updates_per_call)
+
+
+def build_arms(args: argparse.Namespace, device: torch.device) -> tuple[list[Arm], dict]:
+    process = VPDiscrete("cosine", T=1000)
+    loss = DenoisingLoss(process)
+    at_loss = DenoisingLoss(process, target_mode=PAPER_TARGET_MODE)
+    perturber = paper_at()
+    torch.manual_seed(args.seed)
+    lib = DiffusionModel(library_unet(args.channels, args.blocks, args.size, args.head_channels), process)
+    dif = DiffusersModel(diffusers_unet(args.channels, args.blocks, args.size, args.head_channels), process,
+                         prediction="eps")
+    params = {"atdiff": sum(p.numel() for p in lib.parameters()),
+              "diffusers": sum(p.numel() for p in dif.parameters())}
+
+    def standard(m, x, o, g):
+        return train_step(m, x, loss, o, generator=g)
+
+    def free(m, x, o, g):
+        return free_at_step(m, x, at_loss, o, replay=PAPER_REPLAY, perturber=perturber, generator=g)
+
+    arms = []
+    for name, base, run, updates in (("atdiff", lib, standard, 1), ("atdiff-free-at", lib, free, PAPER_REPLAY),
+                                     ("diffusers", dif, standard, 1)):
+        model = copy.deepcopy(base).to(device).train()
+        arms.append(Arm(name, updates, model, torch.optim.Adam(model.parameters(), lr=1e-4), run,
+                        torch.Generator(device=device).manual_seed(args.seed + 1)))
+    return arms, params
+
+
+RATIOS = {"atdiff / diffusers": ("atdiff", "diffusers"),
+          "atdiff-free-at / diffusers": ("atdiff-free-at", "diffusers"),
+          "atdiff-free-at / atdiff": ("atdiff-free-at", "atdiff")}
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    arms, params = build_arms(args, device)
+    gen = torch.Generator().manual_seed(args.seed)
+    batches = [torch.randn(args.batch, 3, args.size, args.size, generator=gen).to(device)
+               for _ in range(args.steps)]
+    for arm in arms:
+        time_arm(arm, batches[:1])  # warm-up, untimed
+    samples: dict[str, list[float]] = {arm.name: [] for arm in arms}
+    with tqdm(total=args.repeats * len(arms), desc="train_throughput", file=sys.stderr) as bar:
+        for r in range(args.repeats):
+            for arm in arms[r % len(arms):] + arms[:r % len(arms)]:
+                bar.set_postfix_str(arm.name)
+                samples[arm.name].append(time_arm(arm, batches))
+                bar.update(1)
+    ratios = {}
+    for key, (num, den) in RATIOS.items():
+        paired = [a / b for a, b in zip(samples[num], samples[den], strict=True)]
+        med, lo, hi = median_ci(paired, args.level)
+        ratios[key] = {"median": med, "ci_low": lo, "ci_high": hi, "level": args.level, "paired": paired}
+    return {
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "parameters": params,
+        "seconds_per_update": {name: {"median": statistics.median(v), "samples": v} for name, v in samples.items()},
+        "ratios": ratios,
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+
+
+def table(result: dict) -> str:
+    lines = [f"parameters: atdiff {result['parameters']['atdiff']:,}, diffusers {result['parameters']['diffusers']:,}",
+             f"{'arm':<16} {'ms/update (median)':>20}"]
+    for name, s in result["seconds_per_update"].items():
+        lines.append(f"{name:<16} {1e3 * s['median']:>20.1f}")
+    lines.append(f"{'ratio':<28} {'median':>8} {'CI':>20}")
+    for key, r in result["ratios"].items():
+        lines.append(f"{key:<28} {r['median']:>8.3f}   [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
+                     f"({100 * r['level']:.0f}%)")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_throughput", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--channels", type=int, default=32, help="base width of both UNets (level widths C, 2C, 2C)")
+    p.add_argument("--blocks", type=int, default=2, help="residual blocks per encoder level (both UNets)")
+    p.add_argument("--head-channels", type=int, default=32, help="channels per attention head (both UNets)")
+    p.add_argument("--size", type=int, default=32, help="image side length (3 channels)")
+    p.add_argument("--batch", type=int, default=8, help="minibatch size")
+    p.add_argument("--steps", type=int, default=2, help="minibatches per timed pass of one arm")
+    p.add_argument("--repeats", type=int, default=11, help="timed passes per arm (interleaved); one ratio each")
+    p.add_argument("--level", type=float, default=0.95, help="confidence level of the median-ratio interval")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave as is)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the initial networks and the steps")
+    p.add_argument("--quick", action="store_true", help="a small check: 16x16, one minibatch per pass, 7 repeats")
+    p.add_argument("--json", type=Path, default=None, help="also write the full result (with samples) here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size, args.steps, args.repeats = 16, 1, 7
+    for name in ("channels", "blocks", "head_channels", "size", "batch", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: expected >= 1")
+    if not 0 < args.level < 1:
+        p.error("--level: expected a value in (0, 1)")
+    if args.size % 4 or args.channels % 32 or args.channels % args.head_channels:
+        p.error("--size must be a multiple of 4, --channels of 32 and of --head-channels")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    result = run(args)
+    print(table(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
