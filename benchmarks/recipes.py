@@ -7,7 +7,8 @@ sidecar). Recipes:
 
 * ``cifar10-adm``, ``cifar10-adm-ip``, ``cifar10-adm-at``: the CIFAR-10 setting of Wang et al. (2025):
   ADM UNet (128 channels, mult (1, 2, 2, 2), 3 residual blocks, attention at 16 and 8 with 32 channels per head,
-  BigGAN up/down residual blocks, scale-shift norm, dropout 0.3, learned sigma), 1000 cosine steps, hybrid loss with
+  BigGAN up/down residual blocks, the new attention order (q, k, v split before the heads), scale-shift norm,
+  dropout 0.3, learned sigma), 1000 cosine steps, hybrid loss with
   the loss-second-moment time sampler, AdamW lr 1e-4, weight decay 0, global batch 128, EMA 0.9999, bf16 autocast on
   CUDA. IP: input perturbation gamma 0.1 (Ning et al. 2023). AT: free AT with K = 3 passes, one l2-normalised step
   of 0.1 per pass inside the l2 ball of radius 0.1 sqrt(d), the detached equivariant target, fine-tuned from a clean
@@ -137,15 +138,16 @@ def paper_cifar10_network() -> dict[str, Any]:
     """The paper's CIFAR-10 ADM UNet as keyword arguments of :class:`UNet`."""
     return dict(in_channels=3, model_channels=128, out_channels=3, num_res_blocks=3, attention_resolutions=[16, 8],
                 dropout=0.3, channel_mult=[1, 2, 2, 2], num_heads=1, num_head_channels=32,
-                use_scale_shift_norm=True, resblock_updown=True, learn_sigma=True, num_classes=None, image_size=32)
+                use_scale_shift_norm=True, resblock_updown=True, attention_order="new", learn_sigma=True,
+                num_classes=None, image_size=32)
 
 
 def adm_imagenet64_network() -> dict[str, Any]:
     """ADM's class-conditional ImageNet 64x64 UNet as keyword arguments of :class:`UNet`."""
     return dict(in_channels=3, model_channels=192, out_channels=3, num_res_blocks=3,
                 attention_resolutions=[32, 16, 8], dropout=0.1, channel_mult=[1, 2, 3, 4], num_heads=1,
-                num_head_channels=64, use_scale_shift_norm=True, resblock_updown=True, learn_sigma=True,
-                num_classes=1000, image_size=64)
+                num_head_channels=64, use_scale_shift_norm=True, resblock_updown=True, attention_order="new",
+                learn_sigma=True, num_classes=1000, image_size=64)
 
 
 def _small_network(channels: int, image_size: int, mult: list[int], attention: list[int], width: int,
@@ -153,7 +155,7 @@ def _small_network(channels: int, image_size: int, mult: list[int], attention: l
     return dict(in_channels=channels, model_channels=width, out_channels=channels, num_res_blocks=1,
                 attention_resolutions=attention, dropout=dropout, channel_mult=mult, num_heads=1,
                 num_head_channels=width // 2 if width >= 2 else None, use_scale_shift_norm=True,
-                resblock_updown=False, learn_sigma=True, num_classes=None, image_size=image_size)
+                resblock_updown=False, attention_order="new", learn_sigma=True, num_classes=None, image_size=image_size)
 
 
 def _variants(base: Recipe, names: tuple[str, str, str], finetune: bool, lr: float | None = None,

@@ -15,7 +15,7 @@ import torch
 from atdiff.checkpoint import load_checkpoint
 from atdiff.distributed import DistInfo, global_draw
 from atdiff.losses import HybridLoss
-from atdiff.networks.unet import AttentionBlock, ResBlock
+from atdiff.networks.unet import AttentionBlock, ResBlock, unet_cifar10_adm
 from atdiff.processes import VPDiscrete
 from benchmarks import train as launcher
 from benchmarks.recipes import (
@@ -61,7 +61,7 @@ def test_paper_cifar10_recipe_has_the_papers_settings():
     n = r.network
     assert (n["model_channels"], n["channel_mult"], n["num_res_blocks"]) == (128, [1, 2, 2, 2], 3)
     assert (n["attention_resolutions"], n["num_head_channels"], n["resblock_updown"]) == ([16, 8], 32, True)
-    assert (n["use_scale_shift_norm"], n["dropout"], n["learn_sigma"]) == (True, 0.3, True)
+    assert (n["use_scale_shift_norm"], n["dropout"], n["learn_sigma"], n["attention_order"]) == (True, 0.3, True, "new")
     d, o, p = r.diffusion, r.optim, r.perturb
     assert (d.schedule, d.steps, d.loss, d.importance_sampling, d.target_mode) == \
         ("cosine", 1000, "hybrid", True, "equivariant-detached")
@@ -82,6 +82,10 @@ def test_paper_cifar10_network_structure():
     res = [m for m in model.modules() if isinstance(m, ResBlock)]
     assert sum(m.down for m in res) == 3 and sum(m.up for m in res) == 3
     assert model.net.out_channels == 6 and model.learned_variance
+    preset = unet_cifar10_adm()  # the library's preset of the same network
+    assert {k: v.shape for k, v in model.net.state_dict().items()} == \
+        {k: v.shape for k, v in preset.state_dict().items()}
+    assert sum(p.numel() for p in model.parameters()) == 57_094_662
 
 
 def test_set_overrides_are_type_checked():
