@@ -243,13 +243,12 @@ def _ddp_worker(rank: int, world: int, port: int, recipe_dict: dict, out: str) -
         cleanup()
 
 
-@pytest.mark.slow  # ~40 s here: two spawned interpreters importing torch on a busy 2-core machine
 def test_two_gloo_processes_match_one_process(tmp_path):
     """Free AT + importance sampler on a global batch of 16: 2 processes (8 each) end where 1 process does, within
     float tolerance: 24 Adam updates of size ~lr = 1e-4 each move the weights by ~2e-3, the runs differ by the
     summation order of the gradient average only (measured <= 7e-6; a wrong slice of the record or an unfed time
     sampler differs by ~1e-3). At lr 1e-3 Adam's normalisation amplifies the rounding of near-zero gradients to
-    ~4e-4, hence the small lr here."""
+    ~4e-4, hence the small lr here. About 19 s on a quiet 2-core machine (two spawned interpreters)."""
     recipe = _tiny("digits-at", "train.steps=8", "optim.lr=1e-4")
     one = launcher.train(recipe, tmp_path / "one", progress=False)
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), recipe_to_dict(recipe), str(tmp_path / "two")),
