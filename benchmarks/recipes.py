@@ -214,9 +214,9 @@ def _build_recipes() -> dict[str, Recipe]:
         data=DataConfig("mnist5k", "", 1, 32, 10, False, False, 32),
         network=_small_network(1, 32, [1, 2, 2], [8], 32, 0.0),
         diffusion=DiffusionConfig("cosine", 1000, "hybrid", 0.001, True),
-        optim=OptimConfig(lr=5e-4, weight_decay=0.0, batch_size=64, ema=0.999, ema_warmup=True, grad_clip=1.0,
+        optim=OptimConfig(lr=5e-4, weight_decay=0.0, batch_size=32, ema=0.999, ema_warmup=True, grad_clip=1.0,
                           precision="fp32"),
-        train=TrainConfig(steps=4000, seed=0, log_every=50, sample_every=1000, checkpoint_every=1000, keep_every=0,
+        train=TrainConfig(steps=2000, seed=0, log_every=50, sample_every=250, checkpoint_every=500, keep_every=0,
                           sampler="ddim", sample_steps=50, num_samples=64))
     recipes.update(_variants(mnist, ("mnist5k-std", "mnist5k-ip", "mnist5k-at"), False))
     return recipes
