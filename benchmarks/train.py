@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -263,6 +264,13 @@ def _load_weights(model: nn.Module, state: dict, ckpt: Path, arg: str) -> None:
     model.load_state_dict(state)
 
 
+def _with_defaults(network: dict[str, Any]) -> dict[str, Any]:
+    """UNet keywords with the defaults filled in (a config written before a keyword existed compares equal)."""
+    defaults = {k: p.default for k, p in inspect.signature(UNet.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return json.loads(json.dumps({**defaults, **network}))
+
+
 def _check_init_from(recipe: Recipe, path: str | os.PathLike) -> Path:
     """The checkpoint behind ``path``, verified to hold the recipe's network (``ValueError`` naming what differs)."""
     ckpt = _checkpoint_path(path)
@@ -270,9 +278,12 @@ def _check_init_from(recipe: Recipe, path: str | os.PathLike) -> Path:
         saved = read_config(ckpt)
     except (FileNotFoundError, ValueError) as err:
         raise ValueError(f"init_from: {err}") from err
-    net = (saved or {}).get("network") if isinstance(saved, dict) else None
-    if net != recipe.network:
-        diff = sorted(k for k in set(net or {}) | set(recipe.network) if (net or {}).get(k) != recipe.network.get(k))
+    net = saved.get("network") if isinstance(saved, dict) else None
+    if not isinstance(net, dict):
+        raise ValueError(f"init_from: {ckpt} was not written by benchmarks.train (its config has no network)")
+    net, mine = _with_defaults(net), _with_defaults(recipe.network)
+    if net != mine:
+        diff = sorted(k for k in set(net) | set(mine) if net.get(k) != mine.get(k))
         raise ValueError(f"init_from: {ckpt} holds another network (keys that differ: {diff}); the recipe "
                          f"{recipe.name} needs {recipe.network}")
     return ckpt
