@@ -17,6 +17,7 @@ import torch
 from atdiff.precond import declare
 from atdiff.processes import VE, VPContinuous, VPDiscrete
 from atdiff.samplers import (
+    DIFFUSION_SAMPLERS,
     REGISTRY,
     SAMPLERS,
     EpsilonScaling,
@@ -435,7 +436,7 @@ def _smoke_model(name, process):
     return with_variance(model, 0.0) if name.startswith("iddpm") else model
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)
 def test_every_sampler_by_name_is_reproducible_differentiable_and_reports(name):
     process = VPContinuous()
     model = _smoke_model(name, process)

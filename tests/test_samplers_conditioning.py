@@ -9,7 +9,7 @@ from atdiff.networks import unet_small
 from atdiff.precond import ClassifierFreeGuidance, DiffusionModel
 from atdiff.processes import VPContinuous, VPDiscrete
 from atdiff.samplers import (
-    REGISTRY,
+    DIFFUSION_SAMPLERS,
     RespacedModel,
     ode_log_likelihood,
     respace,
@@ -46,7 +46,7 @@ def _labels(n):
     return torch.arange(n) % 3
 
 
-@pytest.mark.parametrize("name", list(REGISTRY))
+@pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)
 def test_conditional_samples_equal_each_class_run_alone(name):
     """Rows of a mixed-label batch equal the rows of one run per class (the label reaches the model for every
     sample and every evaluation). pc's Langevin step averages norms over the batch, so its rows are coupled:
@@ -72,7 +72,7 @@ def test_conditional_samples_equal_each_class_run_alone(name):
         assert (others.x - mixed.x).norm(dim=1).min() > 1.0  # a different label moves every sample
 
 
-@pytest.mark.parametrize("name", list(REGISTRY))
+@pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)
 def test_each_class_samples_follow_its_law(name):
     """Per class, the sample mean is m_y (class means 3 apart) within 4 standard errors plus 0.03; the class
     covariances agree with one another within sampling error (the law differs between classes only by its
@@ -140,7 +140,7 @@ def test_class_conditional_unet_samples_through_every_sampler():
     x_T = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     y = _labels(6)
     with torch.no_grad():
-        for name in REGISTRY:
+        for name in DIFFUSION_SAMPLERS:
             opts = OPTS.get(name, {})
             steps = 1 if name == "ode" else 3
             mixed = sample(name, model, x_T, process, steps, cond={"y": y},

@@ -16,6 +16,7 @@ from atdiff.precond import declare
 from atdiff.processes import VE, VPContinuous, VPDiscrete
 from atdiff.samplers import (
     CALLBACK_KEYS,
+    DIFFUSION_SAMPLERS,
     REGISTRY,
     EpsilonScaling,
     default_grid,
@@ -68,7 +69,7 @@ def _model_for(name, process, **kw):
 
 
 # --- one callback schema ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", list(REGISTRY))
+@pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)
 def test_every_callback_has_the_same_keys_and_the_final_nfe(name):
     process = VPDiscrete("linear")
     model = _model_for(name, process)
@@ -119,7 +120,7 @@ def _attainable(name, n):
     return name != "ode"
 
 
-@pytest.mark.parametrize("name", list(REGISTRY))
+@pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)
 def test_nfe_budget_is_spent_exactly(name):
     process = VPDiscrete("cosine")
     x_T = torch.randn(4, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
@@ -205,7 +206,7 @@ def poisoned(model, t_bad, row=0):
     return f
 
 
-@pytest.mark.parametrize("name", list(REGISTRY))
+@pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)
 def test_non_finite_model_output_names_the_sampler_step_and_time(name):
     """The first step with an evaluation at ``t <= 0.45`` (found from a clean run's evaluation times and its
     callbacks' running NFE) is the one the error names, with that step's time."""

@@ -26,6 +26,7 @@ from ..processes import Process, VPDiscrete
 from ..validate import check_int
 from .ancestral import sample_ddpm, step_variance
 from .base import CALLBACK_KEYS, SampleResult
+from .consistency import consistency_grid, sample_consistency
 from .ddim import ddim_step, sample_ddim
 from .dpm_solver import sample_dpm_solver, singlestep_orders_for_nfe
 from .edm import sample_euler, sample_heun
@@ -163,7 +164,13 @@ REGISTRY: dict[str, SamplerSpec] = {
                        _corrector_plan(0)),
     "pc": SamplerSpec(sample_pc, uniform_grid, "predictor-corrector: Euler-Maruyama + Langevin corrector "
                       "(snr=0.16); NFE 2N", _corrector_plan(1)),
+    "consistency": SamplerSpec(sample_consistency, consistency_grid, "consistency model: one step, or multistep "
+                               "re-noising to each level (Song et al. 2023; VE process); NFE N"),
 }
+
+#: the samplers of diffusion models (every entry but the consistency sampler, which needs a consistency function on
+#: the VE path)
+DIFFUSION_SAMPLERS: tuple[str, ...] = tuple(name for name in REGISTRY if name != "consistency")
 
 #: name -> sampler function (the entries of :data:`REGISTRY`)
 SAMPLERS: dict[str, Callable[..., SampleResult]] = {name: spec.fn for name, spec in REGISTRY.items()}
@@ -260,12 +267,14 @@ def sample(name: str, model: Callable, x_T: Tensor, process: Process, steps_or_g
 
 
 __all__ = [
-    "SAMPLERS", "REGISTRY", "SamplerSpec", "SampleResult", "sample", "default_grid", "describe_samplers",
+    "SAMPLERS", "REGISTRY", "DIFFUSION_SAMPLERS", "SamplerSpec", "SampleResult", "sample", "default_grid",
+    "describe_samplers",
     "steps_for_nfe", "NfePlan", "one_per_step", "CALLBACK_KEYS", "MAX_STEPS", "check_steps",
     "sampler_help", "sample_ddpm", "sample_iddpm", "sample_iddpm_es", "sample_ddim", "ddim_step",
     "sample_dpm_solver", "sample_euler", "sample_heun", "sample_ode", "ode_log_likelihood",
     "LikelihoodResult",
-    "sample_sde", "sample_pc", "langevin_step", "step_variance", "respace", "RespacedModel", "EpsilonScaling",
+    "sample_sde", "sample_pc", "sample_consistency", "consistency_grid",
+    "langevin_step", "step_variance", "respace", "RespacedModel", "EpsilonScaling",
     "check_grid", "karras_grid", "karras_time_grid", "dpm_grid", "default_t_end", "edm_sigma", "edm_time",
     "respaced_grid", "respacing_timesteps", "uniform_grid",
 ]
