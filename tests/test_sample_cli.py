@@ -1,0 +1,85 @@
+"""python -m benchmarks.sample: ADM-format output, NFE as asked, shards equal to one process, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from atdiff.eval.samples_io import load_samples
+from atdiff.eval.sharding import batch_plan, merge_shards
+from benchmarks import sample as sample_cli
+from benchmarks import train as launcher
+from benchmarks.recipes import resolve
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A class-conditional and an unconditional tiny digits run (2 steps each)."""
+    root = tmp_path_factory.mktemp("runs")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    common = ["network.model_channels=8", "network.num_head_channels=4", "diffusion.steps=20", "optim.batch_size=8",
+              "train.steps=2", "train.sample_steps=2", "train.num_samples=4"]
+    cond = resolve("digits-std", [*common, "data.class_cond=True", "network.num_classes=10"])
+    launcher.train(cond, root / "cond", progress=False)
+    launcher.train(resolve("digits-std", common), root / "plain", progress=False)
+    torch.set_num_threads(before)
+    return root
+
+
+def test_samples_npz_labels_and_nfe(runs, tmp_path):
+    npz = sample_cli.main(["--checkpoint", str(runs / "cond"), "--sampler", "ddim", "--nfe", "3", "--num-samples", "6",
+                           "--batch", "4", "--seed", "1", "--classes", "2,7", "--out", str(tmp_path / "s"),
+                           "--no-progress"])
+    images, labels = load_samples(npz)
+    assert npz.name == "samples_6x8x8x1.npz" and images.dtype == np.uint8 and images.shape == (6, 8, 8, 1)
+    assert set(labels.tolist()) <= {2, 7} and labels.dtype == np.int64
+    info = json.loads((tmp_path / "s/info.json").read_text())
+    assert info["nfe_measured"] == [3] and info["classes"] == [2, 7]
+    assert (tmp_path / "s/grid.png").is_file()
+
+    # two shards of 2 processes, merged, are the one-process file bit for bit
+    model, _, recipe = launcher.load_run(runs / "cond")
+    shards = []
+    for rank in range(2):
+        batches = batch_plan(6, 4, rank, 2)
+        imgs, labs, _ = sample_cli.generate(model, recipe, batches, sampler="ddim", nfe=3, steps=None, seed=1,
+                                            classes=[2, 7], device=torch.device("cpu"))
+        shards.append((batches, imgs, labs))
+    assert np.array_equal(merge_shards([(b, i) for b, i, _ in shards]), images)
+    assert np.array_equal(merge_shards([(b, la) for b, _, la in shards]), labels)
+
+
+def test_heun_nfe_rule_and_unconditional(runs, tmp_path):
+    npz = sample_cli.main(["--checkpoint", str(runs / "plain" / "ckpt" / "latest.pt"), "--sampler", "heun", "--nfe",
+                           "5", "--num-samples", "3", "--batch", "3", "--out", str(tmp_path / "h"), "--no-progress"])
+    images, labels = load_samples(npz)
+    assert labels is None and images.shape == (3, 8, 8, 1)
+    assert json.loads((tmp_path / "h/info.json").read_text())["nfe_measured"] == [5]  # Heun: 3 steps, 2 * 3 - 1
+
+
+def test_sample_cli_refusals(runs, tmp_path):
+    base = ["--checkpoint", str(runs / "plain"), "--out", str(tmp_path / "x"), "--no-progress"]
+    with pytest.raises(ValueError, match="^sampler: unknown sampler 'euler-a'"):
+        sample_cli.main([*base, "--sampler", "euler-a", "--nfe", "4"])
+    with pytest.raises(ValueError, match="^nfe"):
+        sample_cli.main([*base, "--sampler", "heun", "--nfe", "4"])  # Heun spends odd numbers only
+    with pytest.raises(ValueError, match="^classes: the model of digits-std is unconditional"):
+        sample_cli.main([*base, "--sampler", "ddim", "--nfe", "2", "--classes", "1"])
+    with pytest.raises(ValueError, match=r"^classes: expected classes in 0..9"):
+        sample_cli.main(["--checkpoint", str(runs / "cond"), "--out", str(tmp_path / "y"), "--sampler", "ddim",
+                         "--nfe", "2", "--classes", "3,10"])
+    with pytest.raises(ValueError, match="^num-samples: expected >= 1"):
+        sample_cli.main([*base, "--sampler", "ddim", "--nfe", "2", "--num-samples", "0"])
+    assert not (tmp_path / "x").exists()
