@@ -19,7 +19,6 @@ from atdiff.processes import VE, VPContinuous, VPDiscrete
 from atdiff.samplers import (
     DIFFUSION_SAMPLERS,
     REGISTRY,
-    SAMPLERS,
     EpsilonScaling,
     RespacedModel,
     default_grid,
