@@ -31,6 +31,7 @@ from atdiff.distributed import DistInfo, cleanup, gather_objects, init_distribut
 from atdiff.eval.samples_io import save_grid, save_samples, to_uint8
 from atdiff.eval.sharding import Batch, batch_generator, batch_plan, merge_shards
 from atdiff.samplers import REGISTRY, sample, sampler_help, steps_for_nfe
+from benchmarks.cli import run_cli
 from benchmarks.recipes import Recipe
 from benchmarks.train import grid_scale, load_run
 
@@ -164,8 +165,4 @@ def main(argv: list[str] | None = None) -> Path | None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

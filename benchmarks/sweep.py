@@ -33,6 +33,7 @@ from atdiff.eval.features import compute_metrics, load_reference_dataset, make_e
 from atdiff.eval.sharding import batch_plan
 from atdiff.eval.sweep_table import nfe_table_markdown, plot_metric_vs_nfe
 from atdiff.samplers import REGISTRY, steps_for_nfe
+from benchmarks.cli import run_cli
 from benchmarks.sample import generate
 from benchmarks.train import load_run
 
@@ -159,8 +160,4 @@ def _json_default(value):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)
