@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from atdiff.processes import VE
 from atdiff.samplers.consistency import consistency_grid, sample_consistency
 from atdiff.train import EMA, free_at_step, train_step
 from theory.gaussian import oracle_model, sample_data
+from toy.cli import check_json_path
 from toy.mixtures import MIXTURES, make_mixture
 from toy.train_toy import w2
 
@@ -188,13 +188,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--ema must lie in [0, 1], got {args.ema}")
     if not 0.002 < args.tau < 80.0:
         p.error(f"--tau must lie in (0.002, 80), got {args.tau}")
-    if args.json is not None:
-        try:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=args.json.parent):
-                pass
-        except OSError as err:
-            p.error(f"--json {args.json} cannot be written: {err}")
+    check_json_path(p, args.json)
     return args
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from atdiff.processes import VPDiscrete
 from atdiff.samplers import REGISTRY, default_grid, sample, sampler_help
 from atdiff.train import EMA, train_step
 from theory.gaussian import GaussianMixture, log_prob, oracle_model, sample_data
+from toy.cli import check_json_path
 from toy.mixtures import MIXTURES, make_mixture, moment_matched_gaussian
 
 
@@ -148,15 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default_grid(args.sampler, VPDiscrete(args.schedule, T=1000), args.sample_steps)
     except ValueError as err:
         p.error(f"--sample-steps {args.sample_steps} does not fit sampler {args.sampler!r}: {err}")
-    if args.json is not None:
-        try:  # checked before the run, not after it: create the folder and a probe file there
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            if args.json.is_dir():
-                raise IsADirectoryError(str(args.json))
-            with tempfile.NamedTemporaryFile(dir=args.json.parent):
-                pass
-        except OSError as err:
-            p.error(f"--json {args.json} cannot be written: {err}")
+    check_json_path(p, args.json)
     return args
 
 
