@@ -19,3 +19,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_digits_runs(tmp_path_factory):
+    """Two tiny digits runs of the launcher (2 steps each): ``root / "plain"`` (unconditional) and ``root / "cond"``
+    (class-conditional), for the sampling and sweep CLIs."""
+    from benchmarks import train as launcher
+    from benchmarks.recipes import resolve
+
+    root = tmp_path_factory.mktemp("runs")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    common = ["network.model_channels=8", "network.num_head_channels=4", "diffusion.steps=20", "optim.batch_size=8",
+              "train.steps=2", "train.sample_steps=2", "train.num_samples=4"]
+    launcher.train(resolve("digits-std", [*common, "data.class_cond=True", "network.num_classes=10"]), root / "cond",
+                   progress=False)
+    launcher.train(resolve("digits-std", common), root / "plain", progress=False)
+    torch.set_num_threads(threads)
+    return root

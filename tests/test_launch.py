@@ -29,13 +29,7 @@ from benchmarks.recipes import (
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads can be 50x slower for these tiny networks."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks (see conftest.py)
 
 
 def _tiny(name: str, *sets: str):

@@ -12,30 +12,13 @@ from atdiff.eval.samples_io import load_samples
 from atdiff.eval.sharding import batch_plan, merge_shards
 from benchmarks import sample as sample_cli
 from benchmarks import train as launcher
-from benchmarks.recipes import resolve
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks (see conftest.py)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A class-conditional and an unconditional tiny digits run (2 steps each)."""
-    root = tmp_path_factory.mktemp("runs")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    common = ["network.model_channels=8", "network.num_head_channels=4", "diffusion.steps=20", "optim.batch_size=8",
-              "train.steps=2", "train.sample_steps=2", "train.num_samples=4"]
-    cond = resolve("digits-std", [*common, "data.class_cond=True", "network.num_classes=10"])
-    launcher.train(cond, root / "cond", progress=False)
-    launcher.train(resolve("digits-std", common), root / "plain", progress=False)
-    torch.set_num_threads(before)
-    return root
+@pytest.fixture
+def runs(tiny_digits_runs):
+    return tiny_digits_runs
 
 
 def test_samples_npz_labels_and_nfe(runs, tmp_path):
