@@ -60,7 +60,7 @@ from atdiff.eval.features import compute_metrics, make_extractor, metric_floor
 from atdiff.eval.samples_io import save_grid, to_uint8
 from atdiff.eval.sharding import batch_generator, batch_plan
 from atdiff.perturb import PAPER_REPLAY
-from atdiff.samplers import REGISTRY, EpsilonScaling
+from atdiff.samplers import EpsilonScaling
 from benchmarks.build import read_data
 from benchmarks.cli import run_cli
 from benchmarks.compare_finetune import (
@@ -74,7 +74,7 @@ from benchmarks.compare_finetune import (
 )
 from benchmarks.compare_report import ES_ROW, METHODS, SAMPLERS, SuiteResult, write_report
 from benchmarks.recipes import Recipe, apply_overrides, check_recipe, get_recipe
-from benchmarks.sample import generate
+from benchmarks.sample import clip_options, generate
 from benchmarks.train import LATEST, grid_scale, load_run
 
 __all__ = ["SUITES", "IMAGE_SUITES", "stage_plan", "var_bias", "run_image_suite", "machine_info", "main"]
@@ -86,17 +86,6 @@ ES_BASE = {"iddpm": "iddpm", "iddpm-es": "iddpm", "ddim": "ddim", "dpm-solver++"
 
 
 # ----------------------------------------------------------------------------------------------- the image suite
-
-
-def _sampler_opts(sampler: str, clip: float | None) -> dict:
-    """``clip_x0`` for the samplers that take it (all four once DPM-Solver++ has data-prediction clipping)."""
-    import inspect
-
-    fn = REGISTRY[sampler].fn
-    target = fn.func if hasattr(fn, "func") else fn
-    params = inspect.signature(target).parameters
-    takes = "clip_x0" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
-    return {"clip_x0": clip} if clip is not None and takes else {}
 
 
 def var_bias(samples: np.ndarray, data: np.ndarray) -> float:
@@ -158,9 +147,9 @@ def _cell_samples(ctx: _Context, run_dir: Path, tag: str, sampler: str, nfe: int
     start = time.perf_counter()
     images, _, spent = generate(wrapped, recipe, batch_plan(ctx.sizes.num_samples, ctx.sizes.batch),
                                 sampler=base, nfe=nfe, steps=None, seed=seed, classes=classes, device=ctx.device,
-                                progress=False, opts=_sampler_opts(base, CLIP_X0))
+                                progress=False, opts=clip_options(base, CLIP_X0))
     meta = {"nfe_measured": sorted(set(spent)), "seconds": time.perf_counter() - start,
-            "clip_x0": _sampler_opts(base, CLIP_X0).get("clip_x0")}
+            "clip_x0": clip_options(base, CLIP_X0).get("clip_x0")}
     ctx.add_time(stage, meta["seconds"])
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, images=images)
@@ -420,9 +409,7 @@ def run_image_suite(name: str, seeds: list[int], quick: bool, out: Path, *, devi
     grids = _write_grids(ctx, seeds[0])
     timing["total_this_invocation"] = time.perf_counter() - wall
     timing["estimate_total"] = total
-    clip = {s: _sampler_opts(ES_BASE.get(s, s), CLIP_X0).get("clip_x0") for s in SAMPLERS}
-    notes += [f"{s}: sampled WITHOUT clip_x0 (this tree's sampler does not take it)" for s, c in clip.items()
-              if c is None]
+    clip = {s: clip_options(s, CLIP_X0).get("clip_x0") for s in SAMPLERS}
     tuning = {"held_out_seed": held, "es_lambda": es_best, "es_grid": list(sizes.es_grid), "es_scores": es_scores,
               "kl_radius": eta_best, "kl_scores": kl_scores, "kl_rho_grid": list(sizes.kl_rho),
               "kl_criterion": f"mean {metric} of the four samplers at NFE {sizes.tune_nfe}"}
