@@ -120,8 +120,13 @@ class _Context:
     timing: dict
     overrides: tuple[str, ...] = ()
     models: dict = dataclasses.field(default_factory=dict)
+    counted: set = dataclasses.field(default_factory=set)
 
-    def add_time(self, key: str, seconds: float) -> None:
+    def add_time(self, key: str, seconds: float, item: str | None = None) -> None:
+        """Add the compute time of ``item`` (once, whether computed now or read from the cache) to stage ``key``."""
+        if item is not None and item in self.counted:
+            return
+        self.counted.add(item)
         self.timing[key] = self.timing.get(key, 0.0) + float(seconds)
 
     def model(self, run_dir: Path):
@@ -139,8 +144,10 @@ def _cell_samples(ctx: _Context, run_dir: Path, tag: str, sampler: str, nfe: int
     path = ctx.work / "samples" / tag / f"{base}-nfe{nfe}-lam{lam:.4f}.npz"
     meta_path = path.with_suffix(".json")
     if path.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        ctx.add_time(stage, meta["seconds"], str(path))
         with np.load(path) as f:
-            return f["images"], json.loads(meta_path.read_text())
+            return f["images"], meta
     model, _, recipe = ctx.model(run_dir)
     wrapped = model if lam == 1.0 else EpsilonScaling(model, model.process, lam)
     classes = list(range(recipe.data.num_classes)) if recipe.data.class_cond else None
@@ -150,7 +157,7 @@ def _cell_samples(ctx: _Context, run_dir: Path, tag: str, sampler: str, nfe: int
                                 progress=False, opts=clip_options(base, CLIP_X0))
     meta = {"nfe_measured": sorted(set(spent)), "seconds": time.perf_counter() - start,
             "clip_x0": clip_options(base, CLIP_X0).get("clip_x0")}
-    ctx.add_time(stage, meta["seconds"])
+    ctx.add_time(stage, meta["seconds"], str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, images=images)
     meta_path.write_text(json.dumps(meta) + "\n")
@@ -191,10 +198,8 @@ def _finetune_run(ctx: _Context, method: str, seed: int, eta0: float | None = No
     run_dir = ctx.work / "finetune" / tag
     recipe = method_recipe(ctx.suite, method, updates=ctx.sizes.updates, seed=seed, eta0=eta0,
                            checkpoint_every=ctx.sizes.checkpoint_every, extra=ctx.overrides)
-    done = (run_dir / "compare_meta.json").is_file()
     meta = finetune(recipe, run_dir, ctx.pretrained, finetune_perturber(method, eta0), ctx.device, ctx.progress)
-    if not done:
-        ctx.add_time("finetune", meta["seconds"])
+    ctx.add_time("finetune", meta["seconds"], str(run_dir))
     return run_dir, meta
 
 
@@ -217,7 +222,9 @@ def _robustness(ctx: _Context, run_dir: Path, method: str, seed: int) -> list[di
     """Perturbed DDIM trajectories of the run (cached per run): move and metric per (kind, radius)."""
     path = ctx.work / "robustness" / f"{method}-s{seed}.json"
     if path.is_file():
-        return json.loads(path.read_text())["records"]
+        cached = json.loads(path.read_text())
+        ctx.add_time("robustness", cached["seconds"], str(path))
+        return cached["records"]
     from benchmarks.robustness import perturbed_final
 
     z = ctx.sizes
@@ -240,7 +247,7 @@ def _robustness(ctx: _Context, run_dir: Path, method: str, seed: int) -> list[di
             records.append(dict(method=method, seed=seed, sampler="ddim", nfe=z.robust_nfe, step=z.robust_step,
                                 kind=kind, radius=radius, move=move, **{ctx.suite.metric: metric}))
     seconds = time.perf_counter() - start
-    ctx.add_time("robustness", seconds)
+    ctx.add_time("robustness", seconds, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"records": records, "seconds": seconds}) + "\n")
     return records
@@ -299,12 +306,12 @@ def _reference(suite: ImageSuite, recipe: Recipe, data_root: str | None) -> tupl
 
 
 def _pretrain(recipe: Recipe, run_dir: Path, device: torch.device, progress: bool) -> float:
-    """Train the clean recipe once (resuming a killed run); the seconds it took (0 if it was already done)."""
+    """Train the clean recipe once (resuming a killed run); the seconds its training took."""
     from benchmarks.train import train
 
     meta = run_dir / "compare_meta.json"
     if meta.is_file():
-        return 0.0
+        return float(json.loads(meta.read_text())["seconds"])
     resume = (run_dir / LATEST).is_file()
     train(recipe, run_dir, info=DistInfo(0, 1, 0, device), resume=resume, progress=progress)
     seconds = float(checkpoint_payload(run_dir)["elapsed"])
