@@ -148,10 +148,13 @@ def _strip_timing(value):
 
 @pytest.mark.slow
 def test_quick_digits_is_deterministic(tmp_path):
-    outs = []
+    outs, threads = [], torch.get_num_threads()
     for name in ("a", "b"):
         out = tmp_path / name
-        main(["--suite", "digits", "--quick", "--no-progress", "--out", str(out)])
+        try:
+            main(["--suite", "digits", "--quick", "--no-progress", "--threads", "1", "--out", str(out)])
+        finally:
+            torch.set_num_threads(threads)
         data = json.loads((out / "compare.json").read_text())
         data.pop("command")
         outs.append(_strip_timing(data))
