@@ -391,7 +391,7 @@ def run_image_suite(name: str, seeds: list[int], quick: bool, out: Path, *, devi
         es_best, es_scores = _tune_es(ctx, std_held, f"std-s{held}", held, bar)
     kl_scores = {}
     for rho in sizes.kl_rho:
-        eta0 = d * rho**2 / 2
+        eta0 = round(d * rho**2 / 2, 12)
         run_dir, meta = _finetune_run(ctx, "at-kl", held, eta0)
         finetune_records.append({"method": "at-kl", "seed": held, "eta0": eta0, **_public(meta)})
         vals = [_evaluate(ctx, run_dir, f"at-kl-eta{eta0:g}-s{held}", s, sizes.tune_nfe, held,
