@@ -77,7 +77,7 @@ from benchmarks.recipes import Recipe, apply_overrides, check_recipe, get_recipe
 from benchmarks.sample import clip_options, generate
 from benchmarks.train import LATEST, grid_scale, load_run
 
-__all__ = ["SUITES", "IMAGE_SUITES", "stage_plan", "var_bias", "run_image_suite", "machine_info", "main"]
+__all__ = ["SUITES", "IMAGE_SUITES", "stage_plan", "check_plan", "var_bias", "run_image_suite", "machine_info", "main"]
 
 SUITES = ("toy", "digits", "mnist5k", "cifar10", "imagenet64")
 HELD_OUT_SEED = 1000
@@ -319,7 +319,10 @@ def _pretrain(recipe: Recipe, run_dir: Path, device: torch.device, progress: boo
     return seconds
 
 
-def _check_plan(work: Path, plan: dict) -> None:
+def check_plan(work: Path, plan: dict) -> None:
+    """Record ``plan`` (JSON-able) in ``work / "plan.json"``, or check that it equals the recorded one (a rerun with
+    the same settings resumes; other sizes in the same directory are refused with ``ValueError`` naming ``out``)."""
+    plan = json.loads(json.dumps(plan))  # tuples become lists, as in the file
     path = work / "plan.json"
     if path.is_file():
         old = json.loads(path.read_text())
@@ -351,7 +354,7 @@ def run_image_suite(name: str, seeds: list[int], quick: bool, out: Path, *, devi
                                                  f"train.checkpoint_every={max(sizes.checkpoint_every, steps // 10)}",
                                                  f"train.log_every={max(1, steps // 20)}", "train.num_samples=16"]))
     work = out / "work"
-    _check_plan(work, {"suite": name, "sizes": dataclasses.asdict(sizes), "device": device.type,
+    check_plan(work, {"suite": name, "sizes": dataclasses.asdict(sizes), "device": device.type,
                        "data_root": data_root, "pretrained": pretrained, "held_out_seed": HELD_OUT_SEED,
                        "overrides": list(overrides)})
     plan = stage_plan(suite, sizes, len(seeds), 0 if pretrained else steps)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.compare import main, var_bias
+from benchmarks.compare import check_plan, main, var_bias
 from benchmarks.compare_finetune import (
     IMAGE_SUITES,
     adam_updates,
@@ -57,6 +57,14 @@ def test_usage_error_exits_with_code_2(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- pieces
+
+
+def test_a_rerun_with_the_same_plan_resumes_and_another_plan_is_refused(tmp_path):
+    plan = {"suite": "digits", "sizes": {"nfes": (5, 10), "updates": 30}, "device": "cpu"}
+    check_plan(tmp_path, plan)
+    check_plan(tmp_path, dict(plan))  # tuples read back from JSON as lists: the same plan
+    with pytest.raises(ValueError, match=r"^out: .* another plan \(differs in \['sizes'\]\)"):
+        check_plan(tmp_path, {**plan, "sizes": {"nfes": (5, 10), "updates": 60}})
 
 
 def test_var_bias():
