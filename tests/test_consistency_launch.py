@@ -102,21 +102,25 @@ def test_smoke_run_of_every_consistency_recipe(tmp_path, name, capsys):
     assert {p.name for p in (run_dir / "samples").iterdir()} == {"step-0000003-1steps.png", "step-0000003-2steps.png"}
     payload = load_checkpoint(run_dir / "ckpt/latest.pt", restore_rng=False)
     assert payload["loss"]["curriculum"]["k"] == 3 * replay  # one curriculum step per parameter update
-    assert payload["loss"]["curriculum"]["kind"] == ("fixed" if recipe.consistency.kind == "cd" else "ct")
+    assert payload["loss"]["curriculum"]["kind"] == {"cd": "fixed", "ct": "ct", "ict": "ict"}[recipe.consistency.kind]
     model, process, loaded = launcher.load_run(run_dir)
     assert isinstance(model, ConsistencyModel) and isinstance(process, VE) and process.sigma_max == 80.0
     assert loaded.name == f"{name}+smoke" and not model.training
-    # the target network moved away from its start but is not the online network (mu < 1, updates happened)
-    online = payload["model"]
-    target = payload["loss"]["target"]["model"]
+    if recipe.consistency.kind == "ict":  # iCT: the target is the online network under stop-gradient
+        assert payload["loss"]["target"] is None
+        return
+    # an EMA target of the online network's architecture, not equal to it (mu > 0 and updates happened)
+    online, target = payload["model"], payload["loss"]["target"]["model"]
     assert set(target) == set(online)
     assert any(not torch.equal(target[k], online[k]) for k in online)
 
 
-def test_ct_train_n_plus_resume_n_equals_train_2n(tmp_path):
-    """The target EMA and the curriculum step go through the checkpoint: 6 + 6 steps equal 12 bit for bit (one
-    curriculum of 12 updates for both, as a run interrupted at step 6)."""
-    recipe = _tiny("digits-ct", "train.steps=12", "consistency.curriculum_steps=12")
+@pytest.mark.parametrize("sets", [(), ("consistency.kind=ct", "consistency.s0=2", "consistency.s1=150",
+                                         "consistency.mu=0.9", "consistency.distance=l2")], ids=["ict", "ct"])
+def test_ct_train_n_plus_resume_n_equals_train_2n(tmp_path, sets):
+    """The curriculum step and (original CT) the target EMA go through the checkpoint: 6 + 6 steps equal 12 bit for
+    bit (one curriculum of 12 updates for both, as a run interrupted at step 6)."""
+    recipe = _tiny("digits-ct", "train.steps=12", "consistency.curriculum_steps=12", *sets)
     straight = launcher.train(recipe, tmp_path / "straight", progress=False)
     half = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, steps=6))
     launcher.train(half, tmp_path / "resumed", progress=False)
@@ -124,7 +128,7 @@ def test_ct_train_n_plus_resume_n_equals_train_2n(tmp_path):
     assert resumed.step == straight.step == 12
     a = load_checkpoint(tmp_path / "straight/ckpt/latest.pt", restore_rng=False)
     b = load_checkpoint(tmp_path / "resumed/ckpt/latest.pt", restore_rng=False)
-    assert a["loss"]["curriculum"]["k"] == 12
+    assert a["loss"]["curriculum"]["k"] == 12 and (a["loss"]["target"] is None) == (not sets)
     for key in ("model", "ema", "optimizer", "loss"):
         _equal(a[key], b[key], key)
     assert _log(tmp_path / "resumed")[-1]["loss"] == _log(tmp_path / "straight")[-1]["loss"]
