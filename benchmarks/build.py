@@ -19,10 +19,11 @@ from atdiff.networks.unet import UNet
 from atdiff.perturb import Perturber, input_perturbation
 from atdiff.precond import ConsistencyModel, DiffusionModel, VEFromVP
 from atdiff.processes import VE, VPDiscrete
+from atdiff.samplers import REGISTRY
 from benchmarks.recipes import Recipe, recipe_from_dict
 
 __all__ = ["build_process", "build_model", "build_loss", "build_perturber", "build_teacher", "prior_std",
-           "read_data", "load_run", "LATEST"]
+           "read_data", "load_run", "clip_options", "LATEST"]
 
 LATEST = "ckpt/latest.pt"
 
@@ -237,3 +238,24 @@ def read_data(recipe: Recipe, *, smoke: bool = False) -> tuple[Any, np.ndarray |
     return images, labels
 
 
+def clip_options(sampler: str, clip_x0: str | float | None = "auto") -> dict[str, float]:
+    """The ``clip_x0`` option for ``sampler`` on images in ``[-1, 1]``: ``"auto"`` clamps the predicted ``x0`` to
+    ``[-1, 1]`` where the sampler has a data prediction to clamp (improved-diffusion's default ``clip_denoised``;
+    on the cosine schedule IDDPM and DPM-Solver++ diverge from ``t = T`` without it) and nothing elsewhere;
+    ``None`` / ``"none"``: no clipping; a number: that bound, refused for a sampler that cannot clip."""
+    if sampler not in REGISTRY:
+        raise ValueError(f"sampler: unknown sampler {sampler!r}; valid samplers: {', '.join(REGISTRY)}")
+    clips = REGISTRY[sampler].clips
+    if clip_x0 is None or clip_x0 == "none":
+        return {}
+    if clip_x0 == "auto":
+        return {"clip_x0": 1.0} if clips else {}
+    try:
+        value = float(clip_x0)
+    except (TypeError, ValueError):
+        raise ValueError(f"clip-x0: expected 'auto', 'none' or a number > 0, got {clip_x0!r}") from None
+    if not (value > 0 and np.isfinite(value)):
+        raise ValueError(f"clip-x0: expected a finite number > 0, got {clip_x0!r}")
+    if not clips:
+        raise ValueError(f"clip-x0: sampler {sampler!r} has no x0 prediction to clip; use --clip-x0 auto or none")
+    return {"clip_x0": value}

@@ -58,6 +58,7 @@ from benchmarks.build import (
     build_perturber,
     build_process,
     build_teacher,
+    clip_options,
     load_run,
     prior_std,
     read_data,
@@ -137,7 +138,8 @@ def sample_grid(model: nn.Module, recipe: Recipe, path: Path, device: torch.devi
                 steps: int | None = None) -> Path | None:
     """``train.num_samples`` samples from ``model`` with ``train.sampler`` in ``steps`` (default
     ``train.sample_steps``) steps from ``x_T = prior_std z`` with a fixed seed (grids of one run are comparable) as
-    a PNG grid (:func:`atdiff.eval.save_grid`); None, with a warning, if a sample is not finite."""
+    a PNG grid (:func:`atdiff.eval.save_grid`), x0 clamped as :func:`benchmarks.build.clip_options` says; None,
+    with a warning, if a sample is not finite."""
     d, t = recipe.data, recipe.train
     gen = torch.Generator(device=device).manual_seed(t.seed + 1)
     shape = (t.num_samples, d.channels, d.image_size, d.image_size)
@@ -146,7 +148,7 @@ def sample_grid(model: nn.Module, recipe: Recipe, path: Path, device: torch.devi
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the training's global RNG stream is left as it was
         result = sample(t.sampler, model.eval(), x_T, model.process, steps or t.sample_steps, generator=gen,
-                        cond=None if labels is None else {"y": labels})
+                        cond=None if labels is None else {"y": labels}, **clip_options(t.sampler))
     if not bool(torch.isfinite(result.x).all()):
         warnings.warn(f"samples: non-finite values in the grid for {path.name}; no grid written", stacklevel=2)
         return None
