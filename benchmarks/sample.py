@@ -35,7 +35,30 @@ from benchmarks.cli import run_cli
 from benchmarks.recipes import Recipe
 from benchmarks.train import grid_scale, load_run
 
-__all__ = ["generate", "parse_classes", "main"]
+__all__ = ["generate", "parse_classes", "clip_options", "main"]
+
+
+def clip_options(sampler: str, clip_x0: str | float | None = "auto") -> dict[str, float]:
+    """The ``clip_x0`` option for ``sampler`` on images in ``[-1, 1]``: ``"auto"`` clamps the predicted ``x0`` to
+    ``[-1, 1]`` where the sampler has a data prediction to clamp (improved-diffusion's default ``clip_denoised``;
+    on the cosine schedule IDDPM and DPM-Solver++ diverge from ``t = T`` without it) and nothing elsewhere;
+    ``None`` / ``"none"``: no clipping; a number: that bound, refused for a sampler that cannot clip."""
+    if sampler not in REGISTRY:
+        raise ValueError(f"sampler: unknown sampler {sampler!r}; valid samplers: {', '.join(REGISTRY)}")
+    clips = REGISTRY[sampler].clips
+    if clip_x0 is None or clip_x0 == "none":
+        return {}
+    if clip_x0 == "auto":
+        return {"clip_x0": 1.0} if clips else {}
+    try:
+        value = float(clip_x0)
+    except (TypeError, ValueError):
+        raise ValueError(f"clip-x0: expected 'auto', 'none' or a number > 0, got {clip_x0!r}") from None
+    if not (value > 0 and np.isfinite(value)):
+        raise ValueError(f"clip-x0: expected a finite number > 0, got {clip_x0!r}")
+    if not clips:
+        raise ValueError(f"clip-x0: sampler {sampler!r} has no x0 prediction to clip; use --clip-x0 auto or none")
+    return {"clip_x0": value}
 
 
 def parse_classes(text: str | None, recipe: Recipe) -> list[int] | None:
@@ -102,6 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the per-batch generators")
     p.add_argument("--classes", help="class-conditional models: comma-separated classes to draw from (default all)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA (default) or raw weights")
+    p.add_argument("--clip-x0", default="auto", help="clamp the predicted x0: 'auto' (default: to [-1, 1] where the "
+                   "sampler has an x0 to clamp, as improved-diffusion does), 'none', or a bound")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (auto: CUDA if present)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
     p.add_argument("--out", required=True, help="output directory")
@@ -120,6 +145,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("seed: expected >= 0" if args.seed < 0 else "threads: expected >= 0")
     if args.nfe is not None:
         steps_for_nfe(args.sampler, args.nfe)  # an unattainable budget is refused before the model loads
+    clip_options(args.sampler, args.clip_x0)
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -135,7 +161,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         start = time.perf_counter()
         images, labels, spent = generate(model, recipe, batches, sampler=args.sampler, nfe=args.nfe,
                                          steps=args.steps, seed=args.seed, classes=classes, device=info.device,
-                                         progress=info.is_main and not args.no_progress)
+                                         progress=info.is_main and not args.no_progress,
+                                         opts=clip_options(args.sampler, args.clip_x0))
         seconds = time.perf_counter() - start
         shards = gather_objects((batches, images, labels, spent, seconds))
         if not info.is_main:
@@ -151,7 +178,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         save_grid(out / "grid.png", all_images[:64], pad=1, scale=grid_scale(h))
         info_json = {"command": "python -m benchmarks.sample " + " ".join(argv if argv is not None else sys.argv[1:]),
                      "checkpoint": str(args.checkpoint), "recipe": recipe.name, "weights": args.weights,
-                     "sampler": args.sampler, "nfe_requested": args.nfe, "steps_requested": args.steps,
+                     "sampler": args.sampler, **clip_options(args.sampler, args.clip_x0),
+                     "nfe_requested": args.nfe, "steps_requested": args.steps,
                      "nfe_measured": measured, "num_samples": n, "batch": args.batch, "seed": args.seed,
                      "classes": classes, "world_size": info.world_size,
                      "seconds_per_rank": [round(s[4], 3) for s in shards], "npz": npz.name}

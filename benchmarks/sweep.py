@@ -34,7 +34,7 @@ from atdiff.eval.sharding import batch_plan
 from atdiff.eval.sweep_table import nfe_table_markdown, plot_metric_vs_nfe
 from atdiff.samplers import REGISTRY, steps_for_nfe
 from benchmarks.cli import run_cli
-from benchmarks.sample import generate
+from benchmarks.sample import clip_options, generate
 from benchmarks.train import load_run
 
 __all__ = ["METRIC_FEATURES", "run_sweep", "main"]
@@ -58,9 +58,10 @@ def _parse_list(text: str, name: str, kind=str) -> list:
 
 def run_sweep(checkpoint: str, samplers: list[str], nfes: list[int], *, metric: str, ref: str | None,
               num_samples: int, batch: int, seed: int, inception: str | None, device: str,
-              progress: bool = False) -> dict:
+              progress: bool = False, clip_x0: str | float | None = "auto") -> dict:
     """``{"results": {sampler: {nfe: value}}, "skipped": {sampler: {nfe: reason}}, "floor": value,
-    "nfe_measured": {sampler: {nfe: [..]}}, "seconds": ...}`` for one run directory or checkpoint."""
+    "nfe_measured": {sampler: {nfe: [..]}}, "clip_x0": {sampler: bound}, "seconds": ...}`` for one run directory
+    or checkpoint; ``clip_x0`` as in :func:`benchmarks.sample.clip_options`."""
     unknown = [s for s in samplers if s not in REGISTRY]
     if unknown:
         raise ValueError(f"samplers: unknown {unknown}; valid samplers: {', '.join(REGISTRY)}")
@@ -72,6 +73,7 @@ def run_sweep(checkpoint: str, samplers: list[str], nfes: list[int], *, metric: 
     ref = ref or default_ref
     if ref is None:
         raise ValueError("ref: the Inception FID needs a reference data set (e.g. cifar10:ROOT)")
+    clipping = {s: clip_options(s, clip_x0) for s in samplers}
     plans, skipped = {}, {}
     for s in samplers:  # unattainable budgets are named before anything is sampled
         for n in nfes:
@@ -90,7 +92,8 @@ def run_sweep(checkpoint: str, samplers: list[str], nfes: list[int], *, metric: 
     for s, budget in plans.items():
         for n in budget:
             images, _, spent = generate(model, recipe, batches, sampler=s, nfe=n, steps=None, seed=seed,
-                                        classes=classes, device=torch.device(device), progress=progress)
+                                        classes=classes, device=torch.device(device), progress=progress,
+                                        opts=clipping[s])
             if images.shape[1:] != real_images.shape[1:]:
                 raise ValueError(f"ref: samples are {images.shape[1:]} (H, W, C), the reference "
                                  f"{real_images.shape[1:]}")
@@ -101,7 +104,8 @@ def run_sweep(checkpoint: str, samplers: list[str], nfes: list[int], *, metric: 
     floor = metric_floor(real, num_samples, ["fid"], seed=seed)["fid"]
     return {"results": results, "skipped": skipped, "floor": floor,
             "floor_subset_size": min(num_samples, real.shape[0] // 2), "nfe_measured": measured,
-            "features": extractor.name, **extractor.info, "ref": ref, "num_samples": num_samples,
+            "clip_x0": {s: c.get("clip_x0") for s, c in clipping.items()}, "features": extractor.name,
+            **extractor.info, "ref": ref, "num_samples": num_samples,
             "seconds": time.perf_counter() - start}
 
 
@@ -118,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1000, help="samples per cell (default 1000)")
     p.add_argument("--batch", type=int, default=250, help="samples per sampling batch (with --seed fixes each sample)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-batch generators and of the floor's split")
+    p.add_argument("--clip-x0", default="auto", help="clamp the predicted x0: 'auto' (default: to [-1, 1] for the "
+                   "samplers with an x0 to clamp, as improved-diffusion does), 'none', or a bound")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--out", required=True, help="output directory (sweep.md, sweep.json, sweep.png)")
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     report = run_sweep(args.checkpoint, samplers, nfes, metric=args.metric, ref=args.ref,
                        num_samples=args.num_samples, batch=args.batch, seed=args.seed, inception=args.inception,
-                       device=args.device, progress=not args.no_progress)
+                       device=args.device, progress=not args.no_progress, clip_x0=args.clip_x0)
     command = "python -m benchmarks.sweep " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                    else sys.argv[1:]))
     report["command"] = command

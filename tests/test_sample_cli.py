@@ -38,7 +38,8 @@ def test_samples_npz_labels_and_nfe(runs, tmp_path):
     for rank in range(2):
         batches = batch_plan(6, 4, rank, 2)
         imgs, labs, _ = sample_cli.generate(model, recipe, batches, sampler="ddim", nfe=3, steps=None, seed=1,
-                                            classes=[2, 7], device=torch.device("cpu"))
+                                            classes=[2, 7], device=torch.device("cpu"),
+                                            opts=sample_cli.clip_options("ddim"))
         shards.append((batches, imgs, labs))
     assert np.array_equal(merge_shards([(b, i) for b, i, _ in shards]), images)
     assert np.array_equal(merge_shards([(b, la) for b, _, la in shards]), labels)
@@ -66,3 +67,26 @@ def test_sample_cli_refusals(runs, tmp_path):
     with pytest.raises(ValueError, match="^num-samples: expected >= 1"):
         sample_cli.main([*base, "--sampler", "ddim", "--nfe", "2", "--num-samples", "0"])
     assert not (tmp_path / "x").exists()
+
+
+def test_clip_x0_auto_clamps_where_the_sampler_can_and_is_recorded(runs, tmp_path):
+    """``--clip-x0 auto`` (default) gives improved-diffusion's clamp to [-1, 1] for the samplers that have an x0 to
+    clamp and nothing for the others; it changes the samples of a sampler that clips (bound 1e-3: every predicted
+    x0 pinned near 0) and a bound is refused for a sampler that cannot clip."""
+    assert sample_cli.clip_options("iddpm") == {"clip_x0": 1.0}
+    assert sample_cli.clip_options("dpm-solver++") == {"clip_x0": 1.0}
+    assert sample_cli.clip_options("heun") == {} and sample_cli.clip_options("ddim", "none") == {}
+    assert sample_cli.clip_options("ddim", "0.5") == {"clip_x0": 0.5}
+    for bad, why in (("heun", "2"), ("ddim", "-1"), ("ddim", "inf"), ("ddim", "big")):
+        with pytest.raises(ValueError, match="^clip-x0: "):
+            sample_cli.clip_options(bad, why)
+    base = ["--checkpoint", str(runs / "plain"), "--sampler", "ddim", "--nfe", "3", "--num-samples", "4", "--batch",
+            "4", "--no-progress"]
+    tight = load_samples(sample_cli.main([*base, "--clip-x0", "1e-3", "--out", str(tmp_path / "t")]))[0]
+    free = load_samples(sample_cli.main([*base, "--clip-x0", "none", "--out", str(tmp_path / "f")]))[0]
+    assert not np.array_equal(tight, free)
+    # the deterministic DDIM endpoint at t_end ~ 0 is the clamped x0: uint8 127-128, the middle grey
+    assert np.abs(tight.astype(int) - 127.5).max() <= 1
+    assert json.loads((tmp_path / "t/info.json").read_text())["clip_x0"] == 1e-3
+    with pytest.raises(ValueError, match="^clip-x0: sampler 'heun' has no x0 prediction"):
+        sample_cli.main([*base[:2], "--sampler", "heun", "--nfe", "3", "--clip-x0", "1", "--out", str(tmp_path / "h")])

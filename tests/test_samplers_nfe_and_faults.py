@@ -378,3 +378,49 @@ def test_clip_and_churn_noise_accept_exactly_the_finite_values_in_range(value):
     else:
         with pytest.raises(ValueError, match="^S_noise: "):
             sample("euler", model, x, p, 2, S_churn=1.0, S_noise=value)
+
+
+# --- DPM-Solver++ data-prediction clipping -----------------------------------------------------------------
+@pytest.mark.parametrize("method", ["multistep", "singlestep"])
+def test_dpm_solver_pp_clips_every_data_prediction_and_order_one_equals_clipped_ddim(method):
+    """``clip_x0`` clamps each x0 prediction before it enters an update: every reported x0 lies in the box; a bound
+    above every unclipped prediction changes nothing (bitwise); and first-order DPM-Solver++ is DDIM, also clipped."""
+    from atdiff.samplers.dpm_solver import sample_dpm_solver
+
+    p = VPDiscrete("cosine")
+    model = gaussian_model(p, M2, S2)
+    x = torch.randn(16, 2, dtype=F64, generator=torch.Generator().manual_seed(3)) * 3
+    grid = uniform_grid(p, 8)
+    free, clipped = [], []
+    plain = sample_dpm_solver(model, x, p, grid, method=method, callback=free.append).x
+    widest = max(float(info["x0"].abs().max()) for info in free)
+    assert widest > 0.5  # the bound below must bite
+    out = sample_dpm_solver(model, x, p, grid, method=method, clip_x0=0.5, callback=clipped.append).x
+    assert all(float(info["x0"].abs().max()) <= 0.5 for info in clipped)
+    assert not torch.equal(out, plain)
+    loose = sample_dpm_solver(model, x, p, grid, method=method, clip_x0=2 * widest).x
+    assert torch.equal(loose, plain)
+    first = sample_dpm_solver(model, x, p, grid, order=1, method=method, clip_x0=0.5).x
+    torch.testing.assert_close(first, sample_ddim(model, x, p, grid, clip_x0=0.5).x, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="^clip_x0: clipping applies to the data prediction"):
+        sample_dpm_solver(model, x, p, grid, solver="dpmsolver", clip_x0=1.0)
+    with pytest.raises(ValueError, match="^clip_x0: "):
+        sample("dpm-solver++", model, x, p, 5, clip_x0=-1.0)
+
+
+@pytest.mark.parametrize("name", sorted(DIFFUSION_SAMPLERS))
+def test_registry_says_which_samplers_clip(name):
+    """``SamplerSpec.clips`` is true exactly for the samplers that accept ``clip_x0`` (and then honour it); the
+    consistency sampler has no x0 prediction to clip (its f is the sample)."""
+    assert not REGISTRY["consistency"].clips
+    p = VPDiscrete("cosine")
+    model = gaussian_model(p, M2, S2)
+    x = torch.randn(4, 2, dtype=F64, generator=torch.Generator().manual_seed(0)) * 4
+    opts = {"method": "rk4"} if name == "ode" else {"variance": "small"} if name.startswith("iddpm") else {}
+    if REGISTRY[name].clips:
+        seen = []
+        sample(name, model, x, p, 3, clip_x0=0.25, callback=seen.append, generator=torch.Generator(), **opts)
+        assert seen and all(float(info["x0"].abs().max()) <= 0.25 for info in seen)
+    else:
+        with pytest.raises((TypeError, ValueError)):
+            sample(name, model, x, p, 3, clip_x0=0.25, generator=torch.Generator(), **opts)

@@ -131,29 +131,31 @@ def _ode_plan(nfe: int, opts: Mapping[str, Any]) -> NfePlan:
 class SamplerSpec(NamedTuple):
     """A registered sampler: the function, its default grid ``grid(process, steps)``, a one-line summary, and
     its NFE rule ``plan(nfe, opts) -> NfePlan`` (``opts``: the sampler options in effect; the rule raises
-    ``ValueError`` naming ``nfe`` for an unattainable budget)."""
+    ``ValueError`` naming ``nfe`` for an unattainable budget), and whether it takes ``clip_x0`` (it clamps a
+    data prediction; improved-diffusion's ``clip_denoised`` for images in ``[-1, 1]``)."""
 
     fn: Callable[..., SampleResult]
     grid: Callable[..., Tensor]
     description: str
     plan: Callable[[int, Mapping[str, Any]], NfePlan] = one_per_step
+    clips: bool = False
 
 
 REGISTRY: dict[str, SamplerSpec] = {
     "ddpm": SamplerSpec(sample_ddpm, uniform_grid, "ancestral DDPM, posterior variance "
-                        "(variance=small|large); NFE N"),
+                        "(variance=small|large); NFE N", clips=True),
     "iddpm": SamplerSpec(sample_iddpm, _respaced_or_uniform, "ancestral, IDDPM learned-range variance, "
-                         "respaced steps; NFE N"),
+                         "respaced steps; NFE N", clips=True),
     "iddpm-es": SamplerSpec(sample_iddpm_es, _respaced_or_uniform, "IDDPM with epsilon scaling eps/1.017 "
-                            "(es_lam, es_slope); NFE N"),
+                            "(es_lam, es_slope); NFE N", clips=True),
     "ddim": SamplerSpec(sample_ddim, _ddim_or_uniform, "DDIM, deterministic for eta=0, first order, 'ddimN' "
-                        "respacing; NFE N"),
+                        "respacing; NFE N", clips=True),
     "dpm-solver": SamplerSpec(partial(sample_dpm_solver, solver="dpmsolver", method="singlestep", order=3),
                               dpm_grid, "DPM-Solver-3 single-step, noise prediction, logSNR grid; NFE 3N "
                               "(nfe=: DPM-Solver-fast orders, any NFE)", _dpm_plan),
     "dpm-solver++": SamplerSpec(partial(sample_dpm_solver, solver="dpmsolver++", method="multistep", order=2),
                                 dpm_grid, "DPM-Solver++(2M) multistep, data prediction, logSNR grid; NFE N",
-                                _dpm_plan),
+                                _dpm_plan, clips=True),
     "euler": SamplerSpec(sample_euler, karras_time_grid, "EDM Euler on the Karras grid (S_churn for "
                          "stochastic); NFE N"),
     "heun": SamplerSpec(sample_heun, karras_time_grid, "EDM Heun on the Karras grid, second order (S_churn "
