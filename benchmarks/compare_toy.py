@@ -51,15 +51,11 @@ from atdiff.precond import DiffusionModel
 from atdiff.processes import VPDiscrete
 from atdiff.samplers import EpsilonScaling, sample
 from atdiff.train import EMA, free_at_step, train_step
+from benchmarks.compare_report import METHODS, NFES, SAMPLERS, SuiteResult
 from benchmarks.robustness import perturbed_final, trajectory_move
 from theory.gaussian import GaussianMixture, oracle_model, sample_data
 from toy.mixtures import make_mixture, moment_matched_gaussian
 from toy.train_toy import evaluate
-
-try:
-    from benchmarks.compare_report import METHODS, NFES, SAMPLERS, SuiteResult
-except ImportError:  # pragma: no cover - until benchmarks.compare_report is merged
-    from benchmarks._compare_shim import METHODS, NFES, SAMPLERS, SuiteResult
 
 __all__ = ["ToyConfig", "toy_config", "Recipe", "method_recipe", "pretrain", "finetune", "stream_seed",
            "run_toy_suite", "ES_ROW", "state_checksum"]

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from atdiff.processes import VE, VPDiscrete
 from atdiff.samplers import EpsilonScaling
+from benchmarks.compare_report import paired_interval, verdict
 from benchmarks.compare_toy import (
     ES_ROW,
     ToyConfig,
@@ -32,11 +33,6 @@ from benchmarks.compare_toy import (
 )
 from theory.gaussian import GaussianMixture
 from toy.mixtures import make_mixture
-
-try:
-    from benchmarks.compare_report import paired_interval, verdict
-except ImportError:  # pragma: no cover - until benchmarks.compare_report is merged
-    from benchmarks._compare_shim import paired_interval, verdict
 
 __all__ = ["regimes", "regime_map", "cm_comparison", "paired_row", "CM_METHODS"]
 

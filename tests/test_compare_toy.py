@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from atdiff.processes import VPDiscrete
+from benchmarks.compare_report import METHODS, SAMPLERS
 from benchmarks.compare_toy import (
     ES_ROW,
     ToyConfig,
@@ -22,11 +23,6 @@ from benchmarks.compare_toy import (
     state_checksum,
 )
 from toy.mixtures import make_mixture
-
-try:
-    from benchmarks.compare_report import METHODS, SAMPLERS
-except ImportError:  # until benchmarks.compare_report is merged
-    from benchmarks._compare_shim import METHODS, SAMPLERS
 
 TINY = ToyConfig(hidden=16, depth=2, batch=64, pretrain_steps=40, under_steps=10, finetune_updates=6, n_eval=150,
                  nfes=(5,), es_lambdas=(0.98, 1.0, 1.03), kl_eta0s=(0.005, 0.05), robust_radii=(0.1,),
