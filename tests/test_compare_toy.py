@@ -124,3 +124,20 @@ def test_reported_seeds_exclude_the_held_out_seed(tmp_path):
         run_toy_suite([TINY.held_out_seed], quick=True, out=tmp_path, progress=False, cfg=TINY)
     with pytest.raises(ValueError, match="^finetune_updates:"):
         ToyConfig(finetune_updates=10)
+
+
+def _without_timing(value):
+    if isinstance(value, dict):
+        return {k: _without_timing(v) for k, v in value.items() if k != "timing"}
+    if isinstance(value, list):
+        return [_without_timing(v) for v in value]
+    return value
+
+
+@pytest.mark.slow
+def test_rerun_gives_identical_numbers(tiny_run, tmp_path):
+    result, _ = tiny_run
+    with torch.random.fork_rng():
+        again = run_toy_suite([0, 1], quick=True, out=tmp_path, progress=False, cfg=TINY)
+    first, second = (_without_timing(dataclasses.asdict(r)) for r in (result, again))
+    assert repr(first) == repr(second)
