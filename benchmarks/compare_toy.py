@@ -83,8 +83,8 @@ class ToyConfig:
     n_eval: int = 1500
     samplers: tuple[str, ...] = SAMPLERS
     nfes: tuple[int, ...] = NFES
-    es_lambdas: tuple[float, ...] = (0.98, 0.99, 1.0, 1.01, 1.02)
-    kl_eta0s: tuple[float, ...] = (0.005, 0.02, 0.08)
+    es_lambdas: tuple[float, ...] = (0.94, 0.96, 0.98, 1.0, 1.02, 1.04, 1.06)
+    kl_eta0s: tuple[float, ...] = (0.001, 0.005, 0.02, 0.08)
     tune_nfe: int = 10
     robust_nfe: int = 10
     robust_radii: tuple[float, ...] = (0.05, 0.2)
