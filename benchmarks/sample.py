@@ -5,7 +5,8 @@
         --num-samples 50000 --batch 500 --out samples/cifar10-at-iddpm-20
 
 ``--checkpoint`` is a run directory of ``benchmarks.train`` (its ``ckpt/latest.pt``) or one of its checkpoints; the
-EMA weights are used (``--weights model`` for the raw ones). ``--nfe N`` picks the step count of the sampler's
+EMA weights are used (``--weights model`` for the raw ones); a consistency run (``consistency.kind`` cd / ct) samples
+with ``--sampler consistency`` from ``x_T = sigma_max z``. ``--nfe N`` picks the step count of the sampler's
 default grid that spends exactly ``N`` network evaluations (``atdiff.samplers.steps_for_nfe``: Heun ``2n - 1``,
 single-step DPM-Solver-3 by DPM-Solver-fast's orders, ...); ``--steps`` gives the steps instead. Sample ``i`` depends
 only on ``--seed``, ``--batch`` and ``i`` (``atdiff.eval.sharding``): under ``torchrun`` each rank samples every
@@ -31,34 +32,13 @@ from atdiff.distributed import DistInfo, cleanup, gather_objects, init_distribut
 from atdiff.eval.samples_io import save_grid, save_samples, to_uint8
 from atdiff.eval.sharding import Batch, batch_generator, batch_plan, merge_shards
 from atdiff.samplers import REGISTRY, sample, sampler_help, steps_for_nfe
+from benchmarks.build import clip_options, prior_std
 from benchmarks.cli import run_cli
 from benchmarks.recipes import Recipe
 from benchmarks.train import grid_scale, load_run
 
 __all__ = ["generate", "parse_classes", "clip_options", "main"]
 
-
-def clip_options(sampler: str, clip_x0: str | float | None = "auto") -> dict[str, float]:
-    """The ``clip_x0`` option for ``sampler`` on images in ``[-1, 1]``: ``"auto"`` clamps the predicted ``x0`` to
-    ``[-1, 1]`` where the sampler has a data prediction to clamp (improved-diffusion's default ``clip_denoised``;
-    on the cosine schedule IDDPM and DPM-Solver++ diverge from ``t = T`` without it) and nothing elsewhere;
-    ``None`` / ``"none"``: no clipping; a number: that bound, refused for a sampler that cannot clip."""
-    if sampler not in REGISTRY:
-        raise ValueError(f"sampler: unknown sampler {sampler!r}; valid samplers: {', '.join(REGISTRY)}")
-    clips = REGISTRY[sampler].clips
-    if clip_x0 is None or clip_x0 == "none":
-        return {}
-    if clip_x0 == "auto":
-        return {"clip_x0": 1.0} if clips else {}
-    try:
-        value = float(clip_x0)
-    except (TypeError, ValueError):
-        raise ValueError(f"clip-x0: expected 'auto', 'none' or a number > 0, got {clip_x0!r}") from None
-    if not (value > 0 and np.isfinite(value)):
-        raise ValueError(f"clip-x0: expected a finite number > 0, got {clip_x0!r}")
-    if not clips:
-        raise ValueError(f"clip-x0: sampler {sampler!r} has no x0 prediction to clip; use --clip-x0 auto or none")
-    return {"clip_x0": value}
 
 
 def parse_classes(text: str | None, recipe: Recipe) -> list[int] | None:
@@ -99,7 +79,8 @@ def generate(model: torch.nn.Module, recipe: Recipe, batches: list[Batch], *, sa
             pick = torch.randint(len(classes), (n,), generator=gen, device=device)
             y = torch.as_tensor(classes, device=device)[pick]
             cond = {"y": y}
-        x_T = torch.randn((n, d.channels, d.image_size, d.image_size), generator=gen, device=device)
+        x_T = prior_std(model.process) * torch.randn((n, d.channels, d.image_size, d.image_size), generator=gen,
+                                                     device=device)
         kw = {"nfe": nfe} if nfe is not None else {"steps_or_grid": steps}
         result = sample(sampler, model, x_T, model.process, generator=gen, cond=cond, **kw, **(opts or {}))
         images.append(to_uint8(result.x))

@@ -9,12 +9,16 @@ config; ``ckpt/step-NNNNNNN.pt`` every ``train.keep_every`` steps), ``log.jsonl`
 ``loss`` (importance-weighted, mean over the free-AT passes), ``loss_last`` and its parts ``mse``, ``vb`` (unweighted
 means of the last pass), ``grad_norm``, ``delta_norm`` (mean ``||delta||`` of each pass), ``lr``, ``samples_per_s``,
 ``elapsed_s``, ``skipped``) and sample grids
-``samples/step-NNNNNNN.png`` drawn from the EMA model. Under ``torchrun`` the model is wrapped in
-DistributedDataParallel (nccl on CUDA, gloo on the CPU); the recipe's global batch is split over the processes; every
-rank slices one training record (times, noise) drawn for the global batch, so the run does what one process would do
-on the same global batch (up to float summation order) whenever the perturbation is deterministic (none, free AT from
-zero) and dropout is off. The time sampler is fed with the all-gathered (t, losses). Rank 0 logs and writes
-checkpoints, which carry every rank's RNG state.
+``samples/step-NNNNNNN.png`` drawn from the EMA model. A consistency recipe (``consistency.kind`` cd, ct, ict) trains a
+:class:`atdiff.precond.ConsistencyModel` on the VE path with :class:`atdiff.consistency.ConsistencyLoss`; its target
+network and curriculum move after every parameter update (``chain_updates(ema, loss)``) and are saved in every
+checkpoint; its grids are drawn with the consistency sampler in 1 and ``train.sample_steps`` steps
+(``samples/step-NNNNNNN-Ksteps.png``); CD loads the teacher run named by ``consistency.teacher``.
+Under ``torchrun`` the model is wrapped in DistributedDataParallel (nccl on CUDA, gloo on the CPU); the recipe's
+global batch is split over the processes; every rank slices one training record (times, noise) drawn for the global
+batch, so the run does what one process would do on the same global batch (up to float summation order) whenever the
+perturbation is deterministic (none, free AT from zero) and dropout is off. The time sampler is fed with the
+all-gathered (t, losses). Rank 0 logs and writes checkpoints, which carry every rank's RNG state.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from atdiff.checkpoint import load_checkpoint, read_config, rng_state, save_checkpoint, set_rng_state
+from atdiff.consistency import chain_updates
 from atdiff.data import ImageStream
 from atdiff.distributed import DistInfo, all_gather_cat, all_gather_objects, cleanup, global_draw, init_distributed
 from atdiff.eval.samples_io import save_grid, to_uint8
@@ -42,10 +47,22 @@ from atdiff.losses import LossDraw
 from atdiff.networks.unet import UNet
 from atdiff.perturb import Perturber
 from atdiff.precond import DiffusionModel
-from atdiff.processes import VPDiscrete
 from atdiff.samplers import sample
 from atdiff.train import EMA, free_at_step, train_step
-from benchmarks.build import build_loss, build_model, build_perturber, build_process, read_data
+from benchmarks.build import (
+    LATEST,
+    _checkpoint_path,
+    _load_weights,
+    build_loss,
+    build_model,
+    build_perturber,
+    build_process,
+    build_teacher,
+    clip_options,
+    load_run,
+    prior_std,
+    read_data,
+)
 from benchmarks.cli import run_cli
 from benchmarks.recipes import (
     Recipe,
@@ -61,7 +78,6 @@ from benchmarks.recipes import (
 __all__ = ["build_process", "build_model", "build_loss", "build_perturber", "read_data", "load_run", "grid_scale",
            "train", "main", "TrainResult"]
 
-LATEST = "ckpt/latest.pt"
 RESUMABLE = ("train.steps", "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_every",
              "train.sampler", "train.sample_steps", "train.num_samples")
 
@@ -105,19 +121,34 @@ def grid_scale(image_size: int) -> int:
     return max(1, 64 // image_size)
 
 
+def grid_steps(recipe: Recipe) -> list[int]:
+    """The sampler steps of the run's grids: ``train.sample_steps``; a consistency model also draws a 1-step grid."""
+    t = recipe.train
+    return sorted({1, t.sample_steps}) if recipe.consistency.kind != "none" else [t.sample_steps]
+
+
+def grid_path(run_dir: Path, recipe: Recipe, step: int, steps: int) -> Path:
+    """``samples/step-NNNNNNN.png`` (a consistency run: ``samples/step-NNNNNNN-Ksteps.png``, one per grid)."""
+    suffix = f"-{steps}steps" if recipe.consistency.kind != "none" else ""
+    return run_dir / f"samples/step-{step:07d}{suffix}.png"
+
+
 @torch.no_grad()
-def sample_grid(model: DiffusionModel, recipe: Recipe, path: Path, device: torch.device) -> Path | None:
-    """``train.num_samples`` samples from ``model`` with ``train.sampler`` in ``train.sample_steps`` steps and a
-    fixed seed (grids of one run are comparable) as a PNG grid (:func:`atdiff.eval.save_grid`); None, with a
-    warning, if a sample is not finite."""
+def sample_grid(model: nn.Module, recipe: Recipe, path: Path, device: torch.device,
+                steps: int | None = None) -> Path | None:
+    """``train.num_samples`` samples from ``model`` with ``train.sampler`` in ``steps`` (default
+    ``train.sample_steps``) steps from ``x_T = prior_std z`` with a fixed seed (grids of one run are comparable) as
+    a PNG grid (:func:`atdiff.eval.save_grid`), x0 clamped as :func:`benchmarks.build.clip_options` says; None,
+    with a warning, if a sample is not finite."""
     d, t = recipe.data, recipe.train
     gen = torch.Generator(device=device).manual_seed(t.seed + 1)
-    x_T = torch.randn((t.num_samples, d.channels, d.image_size, d.image_size), generator=gen, device=device)
+    shape = (t.num_samples, d.channels, d.image_size, d.image_size)
+    x_T = prior_std(model.process) * torch.randn(shape, generator=gen, device=device)
     labels = torch.arange(t.num_samples, device=device) % d.num_classes if d.class_cond else None
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the training's global RNG stream is left as it was
-        result = sample(t.sampler, model.eval(), x_T, model.process, t.sample_steps, generator=gen,
-                        cond=None if labels is None else {"y": labels})
+        result = sample(t.sampler, model.eval(), x_T, model.process, steps or t.sample_steps, generator=gen,
+                        cond=None if labels is None else {"y": labels}, **clip_options(t.sampler))
     if not bool(torch.isfinite(result.x).all()):
         warnings.warn(f"samples: non-finite values in the grid for {path.name}; no grid written", stacklevel=2)
         return None
@@ -126,40 +157,7 @@ def sample_grid(model: DiffusionModel, recipe: Recipe, path: Path, device: torch
     return path
 
 
-# ----------------------------------------------------------------------------------------------- loading runs
-
-
-def _checkpoint_path(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    return path / LATEST if path.is_dir() else path
-
-
-def load_run(path: str | os.PathLike, *, weights: str = "ema", map_location: Any = "cpu"
-             ) -> tuple[DiffusionModel, VPDiscrete, Recipe]:
-    """``(model, process, recipe)`` of a run directory (its ``ckpt/latest.pt``) or of one checkpoint of it.
-
-    ``weights``: ``"ema"`` (the EMA parameters, what samplers and evaluators use) or ``"model"`` (the raw ones).
-    The model is in eval mode on ``map_location``; the recipe is the one saved with the checkpoint."""
-    if weights not in ("ema", "model"):
-        raise ValueError(f"weights: expected 'ema' or 'model', got {weights!r}")
-    ckpt = _checkpoint_path(path)
-    recipe = recipe_from_dict(read_config(ckpt))
-    process = build_process(recipe)
-    model = build_model(recipe, process)
-    payload = load_checkpoint(ckpt, restore_rng=False, map_location=map_location)
-    state = payload["ema"]["model"] if weights == "ema" else payload["model"]
-    _load_weights(model, state, ckpt, "path")
-    return model.to(map_location).eval(), process, recipe
-
-
-def _load_weights(model: nn.Module, state: dict, ckpt: Path, arg: str) -> None:
-    mine = model.state_dict()
-    missing, unexpected = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
-    bad = [k for k in mine if k in state and tuple(state[k].shape) != tuple(mine[k].shape)]
-    if missing or unexpected or bad:
-        raise ValueError(f"{arg}: the weights in {ckpt} belong to another architecture (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}, other shapes {bad[:3]})")
-    model.load_state_dict(state)
+# ----------------------------------------------------------------------------------------------- init-from
 
 
 def _with_defaults(network: dict[str, Any]) -> dict[str, Any]:
@@ -199,7 +197,7 @@ def _init_from(model: DiffusionModel, recipe: Recipe, path: str | os.PathLike) -
 
 @dataclasses.dataclass
 class _Run:
-    model: DiffusionModel
+    model: nn.Module
     ddp: nn.Module
     loss: _RunLoss
     base_loss: Any
@@ -211,13 +209,15 @@ class _Run:
     draw_gen: torch.Generator
     rank_gen: torch.Generator
     autocast: torch.dtype | None
+    updater: Any  # what moves after every parameter update: the EMA (and a consistency loss's target, curriculum)
 
 
 def _rank_seed(seed: int, rank: int) -> int:
     return (seed * 1_000_003 + 7919 * (rank + 1)) % 2**63
 
 
-def _build_run(recipe: Recipe, images: Any, labels: Any, info: DistInfo, init_from: str | None) -> _Run:
+def _build_run(recipe: Recipe, images: Any, labels: Any, info: DistInfo, init_from: str | None,
+               smoke: bool = False) -> _Run:
     o = recipe.optim
     torch.manual_seed(recipe.train.seed)  # the same initial weights on every rank
     process = build_process(recipe)
@@ -230,7 +230,8 @@ def _build_run(recipe: Recipe, images: Any, labels: Any, info: DistInfo, init_fr
     if info.world_size > 1:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda"
                                                   else None)
-    base_loss = build_loss(recipe, process)
+    teacher = build_teacher(recipe, info.device, smoke=smoke)
+    base_loss = build_loss(recipe, process, model, teacher)
     draw_gen = torch.Generator(device=info.device).manual_seed(recipe.train.seed)
     rank_gen = torch.Generator(device=info.device).manual_seed(_rank_seed(recipe.train.seed, info.rank) + 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
@@ -240,8 +241,9 @@ def _build_run(recipe: Recipe, images: Any, labels: Any, info: DistInfo, init_fr
     scaler = torch.amp.GradScaler("cuda") if cuda and o.precision == "fp16" else None
     stream = ImageStream(images, labels, o.batch_size, rank=info.rank, world_size=info.world_size,
                          seed=recipe.train.seed, flip=recipe.data.flip)
+    updater = chain_updates(ema, base_loss) if recipe.consistency.kind != "none" else ema
     return _Run(model, ddp, _RunLoss(base_loss, draw_gen, info.rank, info.world_size), base_loss,
-                build_perturber(recipe), optimizer, ema, scaler, stream, draw_gen, rank_gen, autocast)
+                build_perturber(recipe), optimizer, ema, scaler, stream, draw_gen, rank_gen, autocast, updater)
 
 
 def _state(run: _Run, step: int, elapsed: float, world_size: int) -> dict[str, Any]:
@@ -292,7 +294,7 @@ def _one_step(run: _Run, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
     x = x.to(info.device, non_blocking=True)
     cond = {"y": y.to(info.device)} if recipe.data.class_cond else None
     run.loss.delta_norms = []
-    kw = dict(cond=cond, ema=run.ema, grad_clip=recipe.optim.grad_clip or None, scaler=run.scaler,
+    kw = dict(cond=cond, ema=run.updater, grad_clip=recipe.optim.grad_clip or None, scaler=run.scaler,
               autocast_dtype=run.autocast, generator=run.rank_gen)
     if recipe.perturb.kind == "free-at":
         stats = free_at_step(run.ddp, x, run.loss, run.optimizer, replay=recipe.perturb.replay,
@@ -345,7 +347,7 @@ class TrainResult:
     """What :func:`train` leaves: the run directory, this rank's model and EMA, the last step."""
 
     run_dir: Path
-    model: DiffusionModel
+    model: nn.Module
     ema: EMA
     step: int
 
@@ -378,7 +380,7 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, info: DistInfo | None =
     if tensorboard:
         _summary_writer(None)
     images, labels = read_data(recipe, smoke=smoke)
-    run = _build_run(recipe, images, labels, info, init_from)
+    run = _build_run(recipe, images, labels, info, init_from, smoke)
     step, elapsed = _resume(run, run_dir, info) if resume else (0, 0.0)
     writer = _summary_writer(run_dir / "tensorboard") if tensorboard and info.is_main else None
     log_path = run_dir / "log.jsonl"
@@ -414,7 +416,8 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, info: DistInfo | None =
                         if isinstance(v, float):
                             writer.add_scalar(k, v, step)
         if info.is_main and ((t.sample_every and step % t.sample_every == 0) or step == t.steps):
-            sample_grid(run.ema.model, recipe, run_dir / f"samples/step-{step:07d}.png", info.device)
+            for steps in grid_steps(recipe):
+                sample_grid(run.ema.model, recipe, grid_path(run_dir, recipe, step, steps), info.device, steps)
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
             _save(run, run_dir, recipe, step, elapsed + time.perf_counter() - start, info)
     bar.close()

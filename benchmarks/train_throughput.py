@@ -15,9 +15,15 @@ The arms run interleaved in one process (their order rotates every repeat), each
 network, after an untimed warm-up. Each repeat gives one paired ratio per comparison (both arms timed within
 the same repeat, so slow phases of a noisy machine hit both); the report is the median ratio over the repeats
 with a distribution-free confidence interval for that median (binomial order statistics, no resampling).
-Usage::
+
+Then (unless ``--skip-gloo``) one process against two gloo processes under DistributedDataParallel on the same
+global batch (:mod:`benchmarks.ddp_throughput`): the library's ``unet_small`` train step (standard and free AT) in
+one process with one and with two torch threads, and in two processes of one thread with half the batch each;
+median paired ratios (2 processes / 1 process) with bootstrap intervals and the all-reduce share.
+``--skip-diffusers`` runs the gloo comparison alone. Usage::
 
     python -m benchmarks.train_throughput [--quick] [--json PATH] [--repeats N] [--steps S] [--batch B]
+                                          [--skip-gloo | --skip-diffusers] [--gloo-batch B] [--gloo-size S]
 """
 
 from __future__ import annotations
@@ -44,8 +50,9 @@ from atdiff.perturb import PAPER_REPLAY, PAPER_TARGET_MODE, paper_at
 from atdiff.precond import DiffusionModel
 from atdiff.processes import VPDiscrete
 from atdiff.train import free_at_step, train_step
+from benchmarks.ddp_throughput import GlooConfig, gloo_table, measure_gloo
 
-__all__ = ["median_ci", "library_unet", "diffusers_unet", "main"]
+__all__ = ["median_ci", "library_unet", "diffusers_unet", "parse_args", "main"]
 
 
 def median_ci(samples: list[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -186,36 +193,65 @@ def table(result: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_throughput", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--channels", type=int, default=32, help="base width of both UNets (level widths C, 2C, 2C)")
-    p.add_argument("--blocks", type=int, default=2, help="residual blocks per encoder level (both UNets)")
-    p.add_argument("--head-channels", type=int, default=32, help="channels per attention head (both UNets)")
-    p.add_argument("--size", type=int, default=32, help="image side length (3 channels)")
-    p.add_argument("--batch", type=int, default=8, help="minibatch size")
-    p.add_argument("--steps", type=int, default=2, help="minibatches per timed pass of one arm")
-    p.add_argument("--repeats", type=int, default=11, help="timed passes per arm (interleaved); one ratio each")
-    p.add_argument("--level", type=float, default=0.95, help="confidence level of the median-ratio interval")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave as is)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, the initial networks and the steps")
-    p.add_argument("--quick", action="store_true", help="a small check: 16x16, one minibatch per pass, 7 repeats")
+    p.add_argument("--channels", type=int, default=32,
+                   help="diffusers comparison: base width of both UNets (level widths C, 2C, 2C)")
+    p.add_argument("--blocks", type=int, default=2,
+                   help="diffusers comparison: residual blocks per encoder level (both UNets)")
+    p.add_argument("--head-channels", type=int, default=32,
+                   help="diffusers comparison: channels per attention head (both UNets)")
+    p.add_argument("--size", type=int, default=32, help="diffusers comparison: image side length (3 channels)")
+    p.add_argument("--batch", type=int, default=8, help="diffusers comparison: minibatch size")
+    p.add_argument("--steps", type=int, default=2, help="minibatches per timed pass of one arm (both comparisons)")
+    p.add_argument("--repeats", type=int, default=11,
+                   help="timed passes per arm (interleaved; both comparisons); one paired ratio each")
+    p.add_argument("--level", type=float, default=0.95,
+                   help="confidence level of the median-ratio intervals (both comparisons)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="diffusers comparison: torch intra-op threads (0: leave as is; the gloo comparison sets "
+                        "its own: 1 and 2 in one process, 1 per process)")
+    p.add_argument("--device", default="cpu",
+                   help="diffusers comparison: torch device, e.g. cpu or cuda (the gloo comparison runs on the CPU)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the data, the initial networks and the steps (both comparisons)")
+    p.add_argument("--skip-gloo", action="store_true",
+                   help="skip the 1-process against 2-process gloo (DDP) comparison")
+    p.add_argument("--skip-diffusers", action="store_true",
+                   help="skip the atdiff against diffusers comparison (run the gloo comparison alone)")
+    p.add_argument("--gloo-batch", type=int, default=16,
+                   help="gloo comparison: the GLOBAL minibatch (even; each of the 2 processes takes half)")
+    p.add_argument("--gloo-size", type=int, default=16, help="gloo comparison: image side length of unet_small")
+    p.add_argument("--quick", action="store_true",
+                   help="a small check: 16x16 (gloo 8x8), one minibatch per pass, 7 repeats")
     p.add_argument("--json", type=Path, default=None, help="also write the full result (with samples) here")
     args = p.parse_args(argv)
     if args.quick:
-        args.size, args.steps, args.repeats = 16, 1, 7
-    for name in ("channels", "blocks", "head_channels", "size", "batch", "steps", "repeats"):
+        args.size, args.gloo_size, args.steps, args.repeats = 16, 8, 1, 7
+    if args.skip_gloo and args.skip_diffusers:
+        p.error("--skip-gloo: cannot be combined with --skip-diffusers (nothing would run)")
+    for name in ("channels", "blocks", "head_channels", "size", "batch", "steps", "repeats", "gloo_batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected >= 1")
     if not 0 < args.level < 1:
         p.error("--level: expected a value in (0, 1)")
     if args.size % 4 or args.channels % 32 or args.channels % args.head_channels:
         p.error("--size must be a multiple of 4, --channels of 32 and of --head-channels")
+    if args.gloo_batch % 2:
+        p.error(f"--gloo-batch: expected an even global batch (2 processes), got {args.gloo_batch}")
+    if args.gloo_size < 4 or args.gloo_size % 2:
+        p.error(f"--gloo-size: expected an even side >= 4, got {args.gloo_size}")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    result = run(args)
-    print(table(result))
+    result = {"config": {k: v for k, v in vars(args).items() if k != "json"}}
+    if not args.skip_diffusers:
+        result = run(args)
+        print(table(result))
+    if not args.skip_gloo:
+        cfg = GlooConfig(size=args.gloo_size, batch=args.gloo_batch, steps=args.steps, seed=args.seed, lr=1e-4)
+        result["gloo"], _ = measure_gloo(cfg, args.repeats, level=args.level)
+        print(gloo_table(result["gloo"]))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
     return result
