@@ -305,6 +305,9 @@ def plot_metric_vs_nfe(result: SuiteResult, path: Path) -> None:
         if result.metric in result.floor:
             ax.axhline(result.floor[result.metric], color="gray", linestyle=":", label="real-vs-real floor")
         ax.set_xscale("log")
+        ticks = sorted({n for (_, ss, n) in values if ss == s})
+        ax.set_xticks(ticks, [str(n) for n in ticks])
+        ax.minorticks_off()
         ax.set_title(s)
         ax.set_xlabel("NFE")
         ax.set_ylabel(result.metric)
