@@ -249,6 +249,17 @@ def _timing_lines(timing: dict) -> list[str]:
     return [f"- {k}: {v:.1f} s" if isinstance(v, int | float) else f"- {k}: {v}" for k, v in timing.items()]
 
 
+def _sizes_line(extra: dict) -> list[str]:
+    """One line naming the run's sizes when ``extra["sizes"]`` has them (image suites), else nothing."""
+    z = extra.get("sizes")
+    keys = ("num_samples", "updates", "pretrain_steps")
+    if not isinstance(z, dict) or not all(k in z for k in keys):
+        return []
+    return [f"Sizes: {z['num_samples']} samples per cell (the floor compares {z['num_samples']} real images with "
+            f"{z['num_samples']} others), {z['updates']} parameter updates per fine-tuning run from "
+            f"{z['pretrain_steps']} clean pretraining steps; all sizes under Details.", ""]
+
+
 def markdown(result: SuiteResult, command: str, machine: str) -> str:
     """The text of ``compare.md``."""
     secondary = sorted({k for c in result.cells for k in c} - {"method", "seed", "sampler", "nfe", "nfe_measured",
@@ -256,7 +267,7 @@ def markdown(result: SuiteResult, command: str, machine: str) -> str:
     lines = [f"# Reproduction study, suite `{result.suite}`: {result.metric} (lower is better)", "",
              f"Reported seeds {result.seeds} (mean +- sample sd over seeds in every cell); the tuning seed "
              f"{result.tuning.get('held_out_seed')} is not reported. Floor: the same metric between two disjoint "
-             f"real subsets of the same size as the samples.", "",
+             "real subsets of the same size as the samples.", "", *_sizes_line(result.extra),
              f"command: `{command}`", "", f"machine: {machine}", "", "![metric vs NFE](metric_vs_nfe.png)", "",
              f"## {result.metric} by sampler, method and NFE", "", results_table(result), ""]
     for base in ("std", ES_ROW):
