@@ -94,7 +94,7 @@ class ToyConfig:
     regime_radii: tuple[float, ...] = (0.05, 0.2)
     regime_nfes: tuple[int, ...] = (5, 20)
     regime_n_eval: int = 1000
-    cm_steps: int = 800
+    cm_steps: int = 801
     cm_hidden: int = 64
     cm_n_eval: int = 1000
     held_out_seed: int = 999
@@ -106,6 +106,9 @@ class ToyConfig:
         if self.finetune_updates % 3:
             raise ValueError(f"finetune_updates: free AT makes 3 updates per minibatch, so the budget must be a "
                              f"multiple of 3, got {self.finetune_updates}")
+        if self.cm_steps % 3:
+            raise ValueError(f"cm_steps: CM-AT makes 3 updates per minibatch, so the consistency runs' budget must be "
+                             f"a multiple of 3 for CD/CT and CD-AT/CT-AT to make the same updates, got {self.cm_steps}")
         if 1.0 not in self.es_lambdas:
             raise ValueError(f"es_lambdas: must contain 1.0 (std itself), got {self.es_lambdas}")
 
