@@ -25,8 +25,9 @@ Protocol of an image suite (stages cached under ``OUT/work``: rerunning the comm
    method (``benchmarks.sample.generate``: sample i depends only on the seed and its batch).
 4. Metrics: the suite's Frechet distance, KID, precision/recall (:func:`atdiff.eval.features.compute_metrics`), the
    real-vs-real floor at the same sample size, and ``var_bias`` (sample variance / data variance - 1, summed over
-   coordinates). Row ``std+es*``: the std model with epsilon scaling at the lambda that is best per (sampler, NFE)
-   on the held-out seed; the iddpm-es column of every method uses that tuned lambda of iddpm.
+   coordinates). The iddpm-es column is the registered sampler (Ning et al.'s fixed lambda 1.017) for every method.
+   Row ``std+es*``: the std model wrapped in epsilon scaling at the lambda that is best per (sampler, NFE) on the
+   held-out seed, on top of the column's sampler (for iddpm-es the two scalings multiply).
 5. Tuning on a held-out seed that is never reported: the ES lambda (grid near 1; Ning et al.'s 1.017 is a CIFAR-10
    value) and the KL radius ``eta0 = d rho^2 / 2`` over a grid of per-pixel rms ``rho`` (the KL ball at
    ``sigma_t = 1`` then has the paper's l2 radius ``rho sqrt(d)``), scored by the mean metric of the four samplers at
@@ -82,7 +83,6 @@ __all__ = ["SUITES", "IMAGE_SUITES", "stage_plan", "check_plan", "var_bias", "ru
 SUITES = ("toy", "digits", "mnist5k", "cifar10", "imagenet64")
 HELD_OUT_SEED = 1000
 CLIP_X0 = 1.0
-ES_BASE = {"iddpm": "iddpm", "iddpm-es": "iddpm", "ddim": "ddim", "dpm-solver++": "dpm-solver++"}
 
 
 # ----------------------------------------------------------------------------------------------- the image suite
@@ -138,10 +138,9 @@ class _Context:
 
 def _cell_samples(ctx: _Context, run_dir: Path, tag: str, sampler: str, nfe: int, seed: int, lam: float,
                   stage: str) -> tuple[np.ndarray, dict]:
-    """Samples (uint8 NHWC) of the run with ``sampler`` (iddpm-es: iddpm with epsilon scaling ``lam``; other
-    samplers: the model wrapped in :class:`EpsilonScaling` unless ``lam == 1``) at ``nfe``; cached."""
-    base = ES_BASE[sampler] if sampler == "iddpm-es" else sampler
-    path = ctx.work / "samples" / tag / f"{base}-nfe{nfe}-lam{lam:.4f}.npz"
+    """Samples (uint8 NHWC) of the run with ``sampler`` at ``nfe``, the model wrapped in :class:`EpsilonScaling`
+    with ``lam`` unless ``lam == 1`` (on top of the sampler: for iddpm-es the scalings multiply); cached."""
+    path = ctx.work / "samples" / tag / f"{sampler}-nfe{nfe}-lam{lam:.4f}.npz"
     meta_path = path.with_suffix(".json")
     if path.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
@@ -153,10 +152,10 @@ def _cell_samples(ctx: _Context, run_dir: Path, tag: str, sampler: str, nfe: int
     classes = list(range(recipe.data.num_classes)) if recipe.data.class_cond else None
     start = time.perf_counter()
     images, _, spent = generate(wrapped, recipe, batch_plan(ctx.sizes.num_samples, ctx.sizes.batch),
-                                sampler=base, nfe=nfe, steps=None, seed=seed, classes=classes, device=ctx.device,
-                                progress=False, opts=clip_options(base, CLIP_X0))
+                                sampler=sampler, nfe=nfe, steps=None, seed=seed, classes=classes, device=ctx.device,
+                                progress=False, opts=clip_options(sampler, CLIP_X0))
     meta = {"nfe_measured": sorted(set(spent)), "seconds": time.perf_counter() - start,
-            "clip_x0": clip_options(base, CLIP_X0).get("clip_x0")}
+            "clip_x0": clip_options(sampler, CLIP_X0).get("clip_x0")}
     ctx.add_time(stage, meta["seconds"], str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, images=images)
@@ -204,17 +203,16 @@ def _finetune_run(ctx: _Context, method: str, seed: int, eta0: float | None = No
 
 
 def _tune_es(ctx: _Context, std_dir: Path, tag: str, seed: int, bar) -> tuple[dict, dict]:
-    """Best ES lambda per (base sampler, NFE) on the held-out std run (ties: the first in the grid, i.e. 1)."""
+    """Best ES lambda per (sampler, NFE) on the held-out std run (ties: the lambda nearest 1)."""
     best, scores = {}, {}
-    for s in ("iddpm", "ddim", "dpm-solver++"):
+    for s in SAMPLERS:
         for n in ctx.sizes.nfes:
             row = {}
             for lam in ctx.sizes.es_grid:
                 row[lam] = _evaluate(ctx, std_dir, tag, s, n, seed, lam, "tune_es")[ctx.suite.metric]
                 bar.update(1)
             scores.setdefault(s, {})[n] = row
-            best.setdefault(s, {})[n] = min(ctx.sizes.es_grid, key=lambda lam, r=row: r[lam])
-    best["iddpm-es"] = dict(best["iddpm"])
+            best.setdefault(s, {})[n] = min(ctx.sizes.es_grid, key=lambda lam, r=row: (r[lam], abs(lam - 1.0)))
     return best, scores
 
 
@@ -266,12 +264,12 @@ def stage_plan(suite: ImageSuite, sizes: Sizes, n_seeds: int, pretrain_steps: in
         dict(stage="pretrain", what=f"{suite.recipes[0]}, {pretrain_steps} steps", estimate_s=pretrain_steps * u),
         dict(stage="finetune", what=f"{runs + 1 + len(sizes.kl_rho)} runs x {sizes.updates} updates",
              estimate_s=(runs + 1 + len(sizes.kl_rho)) * sizes.updates * u),
-        dict(stage="tune_es", what=f"3 samplers x {len(sizes.es_grid)} lambdas x NFE {list(sizes.nfes)}",
-             estimate_s=3 * len(sizes.es_grid) * sum_nfe * n * spn),
+        dict(stage="tune_es", what=f"4 samplers x {len(sizes.es_grid)} lambdas x NFE {list(sizes.nfes)}",
+             estimate_s=4 * len(sizes.es_grid) * sum_nfe * n * spn),
         dict(stage="tune_kl", what=f"{len(sizes.kl_rho)} radii x 4 samplers at NFE {sizes.tune_nfe}",
              estimate_s=len(sizes.kl_rho) * 4 * sizes.tune_nfe * n * spn),
         dict(stage="sampling", what=f"{runs} models x 4 samplers x NFE {list(sizes.nfes)} x {n} samples (+ {ES_ROW})",
-             estimate_s=(runs * 4 + n_seeds * 3) * sum_nfe * n * spn),
+             estimate_s=(runs * 4 + n_seeds * 4) * sum_nfe * n * spn),
         dict(stage="robustness", what=f"{runs} models x 2 kinds x {len(sizes.robust_radii)} radii x "
              f"{sizes.robust_samples} samples", estimate_s=runs * per_robust),
     ]
@@ -389,7 +387,7 @@ def run_image_suite(name: str, seeds: list[int], quick: bool, out: Path, *, devi
     finetune_records = []
     std_held, meta = _finetune_run(ctx, "std", held)
     finetune_records.append({"method": "std", "seed": held, **_public(meta)})
-    n_es = 3 * len(sizes.es_grid) * len(sizes.nfes)
+    n_es = len(SAMPLERS) * len(sizes.es_grid) * len(sizes.nfes)
     with tqdm(total=n_es, desc="tune ES lambda", disable=not progress) as bar:
         es_best, es_scores = _tune_es(ctx, std_held, f"std-s{held}", held, bar)
     kl_scores = {}
@@ -397,8 +395,7 @@ def run_image_suite(name: str, seeds: list[int], quick: bool, out: Path, *, devi
         eta0 = round(d * rho**2 / 2, 12)
         run_dir, meta = _finetune_run(ctx, "at-kl", held, eta0)
         finetune_records.append({"method": "at-kl", "seed": held, "eta0": eta0, **_public(meta)})
-        vals = [_evaluate(ctx, run_dir, f"at-kl-eta{eta0:g}-s{held}", s, sizes.tune_nfe, held,
-                          es_best["iddpm"][sizes.tune_nfe] if s == "iddpm-es" else 1.0, "tune_kl")[metric]
+        vals = [_evaluate(ctx, run_dir, f"at-kl-eta{eta0:g}-s{held}", s, sizes.tune_nfe, held, 1.0, "tune_kl")[metric]
                 for s in SAMPLERS]
         kl_scores[eta0] = float(np.mean(vals))
     eta_best = min(kl_scores, key=kl_scores.get)
@@ -415,8 +412,7 @@ def run_image_suite(name: str, seeds: list[int], quick: bool, out: Path, *, devi
         if method == ES_ROW:
             run_dir, tag, lam = runs[("std", seed)], f"std-s{seed}", es_best[sampler][nfe]
         else:
-            run_dir, tag = runs[(method, seed)], f"{method}-s{seed}"
-            lam = es_best["iddpm"][nfe] if sampler == "iddpm-es" else 1.0
+            run_dir, tag, lam = runs[(method, seed)], f"{method}-s{seed}", 1.0
         cell = _evaluate(ctx, run_dir, tag, sampler, nfe, seed, lam, "sampling")
         cells.append({"method": method, "seed": seed, "sampler": sampler, "nfe": nfe, **cell})
 

@@ -69,13 +69,13 @@ class ImageSuite:
 
 
 def _sizes(**kw) -> Sizes:
-    base = dict(pretrain_steps=None, nfes=NFES, es_grid=(1.0, 1.003, 1.006, 1.01), kl_rho=(0.05, 0.1, 0.2),
+    base = dict(pretrain_steps=None, nfes=NFES, es_grid=(0.99, 0.995, 1.0, 1.005, 1.01, 1.02), kl_rho=(0.05, 0.1, 0.2),
                 tune_nfe=10, robust_nfe=10, robust_step=5, attack_steps=5, robust_radii=(0.02, 0.05, 0.1),
                 checkpoint_every=60)
     return Sizes(**{**base, **kw})
 
 
-_QUICK = dict(nfes=(5, 10), es_grid=(1.0, 1.005), kl_rho=(0.1, 0.2), robust_radii=(0.05, 0.1), attack_steps=2,
+_QUICK = dict(nfes=(5, 10), es_grid=(0.995, 1.0, 1.005), kl_rho=(0.1, 0.2), robust_radii=(0.05, 0.1), attack_steps=2,
               checkpoint_every=15)
 IMAGE_SUITES = {
     "digits": ImageSuite("digits", ("digits-std", "digits-ip", "digits-at"), "digits-fid", "digits",
