@@ -245,6 +245,27 @@ def _render_extra(extra: dict, depth: int = 3) -> list[str]:
     return out
 
 
+def _tuning_lines(tuning: dict) -> list[str]:
+    """The chosen values: the ES lambda as a sampler x NFE table, every other scalar as a line; the searches
+    (every score of every candidate) stay in ``compare.json``."""
+    lines, es = [], tuning.get("es_lambda")
+    if isinstance(es, dict) and es:
+        nfes = sorted({int(n) for row in es.values() for n in row})
+        lines += ["ES lambda of `std+es*`, chosen per sampler and NFE:", "",
+                  "| sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
+        for sampler, row in es.items():
+            by_nfe = {int(n): v for n, v in row.items()}
+            lines.append(f"| {sampler} | " + " | ".join(_fmt(by_nfe.get(n, "")) for n in nfes) + " |")
+        lines.append("")
+    for key, value in tuning.items():
+        if key != "es_lambda" and not isinstance(value, dict | list):
+            lines.append(f"- {key}: {_fmt(value)}")
+    searched = [key for key, value in tuning.items() if isinstance(value, dict | list) and key != "es_lambda"]
+    if searched:
+        lines.append(f"- every candidate's score: `compare.json`, tuning keys {', '.join(searched)}")
+    return lines + [""]
+
+
 def _timing_lines(timing: dict) -> list[str]:
     return [f"- {k}: {v:.1f} s" if isinstance(v, int | float) else f"- {k}: {v}" for k, v in timing.items()]
 
@@ -280,8 +301,7 @@ def markdown(result: SuiteResult, command: str, machine: str) -> str:
         lines += ["## Robustness of the sampling trajectory", "", "![robustness](robustness.png)", "",
                   "`move`: rms over samples of ||x_final(perturbed) - x_final(clean)|| / sqrt(d); a smaller move "
                   "against std (paired over seeds) is a win.", "", records_table(_robustness_summary(result)), ""]
-    lines += ["## Tuning (held-out seed)", "", "```json", json.dumps(result.tuning, indent=1, default=_json_default),
-              "```", ""]
+    lines += ["## Tuning (held-out seed)", "", *_tuning_lines(result.tuning)]
     if result.grids:
         lines += ["## Sample grids", ""] + [f"- {m}: ![{m}]({p})" for m, p in result.grids.items()] + [""]
     if result.extra:
@@ -386,3 +406,14 @@ def write_report(result: SuiteResult, out: Path, command: str, machine: str) -> 
         plot_metric_vs_nfe(result, out / "metric_vs_nfe.png")
     if result.robustness:
         plot_robustness(result, out / "robustness.png")
+
+
+def load_result(path: Path) -> tuple[SuiteResult, str, str]:
+    """``(result, command, machine)`` read back from a ``compare.json`` written by :func:`write_report` (to redraw a
+    report without recomputing it; non-finite numbers come back as None)."""
+    payload = json.loads(Path(path).read_text())
+    names = [f.name for f in dataclasses.fields(SuiteResult)]
+    missing = [n for n in names if n not in payload]
+    if missing:
+        raise ValueError(f"path: {path} is not a compare.json (missing {missing})")
+    return SuiteResult(**{n: payload[n] for n in names}), payload.get("command", ""), payload.get("machine", "")
