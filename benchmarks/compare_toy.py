@@ -30,13 +30,12 @@ never below the random one.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import hashlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +52,7 @@ from atdiff.samplers import EpsilonScaling, sample
 from atdiff.train import EMA, free_at_step, train_step
 from benchmarks.compare_report import METHODS, NFES, SAMPLERS, SuiteResult
 from benchmarks.robustness import perturbed_final, trajectory_move
+from theory.claims.common import one_thread
 from theory.gaussian import GaussianMixture, oracle_model, sample_data
 from toy.mixtures import make_mixture, moment_matched_gaussian
 from toy.train_toy import evaluate
@@ -135,17 +135,6 @@ def _gen(seed: int, tag: str) -> torch.Generator:
 def state_checksum(model: nn.Module) -> float:
     """A float64 checksum of the parameters (equal start weights give equal checksums)."""
     return float(sum((p.detach().double() * (i + 1)).sum() for i, p in enumerate(model.parameters())))
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """These tiny networks run fastest on one intra-op thread (thread hand-offs dominate)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -359,7 +348,7 @@ def run_toy_suite(seeds: list[int], quick: bool, out: Path, progress: bool, cfg:
     out.mkdir(parents=True, exist_ok=True)
     timing: dict[str, float] = {}
     clock = time.perf_counter()
-    with _one_thread():
+    with one_thread():  # tiny networks: a second intra-op thread only adds hand-offs
         mix = make_mixture(cfg.mixture)
         process = VPDiscrete("cosine", T=1000)
         bar = tqdm(total=4 + len(seeds), desc="toy suite", disable=not progress)
