@@ -49,10 +49,10 @@ from atdiff.perturb import Perturber, input_perturbation, kl_ball_at, paper_at
 from atdiff.precond import DiffusionModel
 from atdiff.processes import VPDiscrete
 from atdiff.samplers import EpsilonScaling, sample
+from atdiff.threads import one_thread
 from atdiff.train import EMA, free_at_step, train_step
 from benchmarks.compare_report import METHODS, NFES, SAMPLERS, SuiteResult
 from benchmarks.robustness import perturbed_final, trajectory_move
-from theory.claims.common import one_thread
 from theory.gaussian import GaussianMixture, oracle_model, sample_data
 from toy.mixtures import make_mixture, moment_matched_gaussian
 from toy.train_toy import evaluate

@@ -14,7 +14,8 @@ Three arms train on the same minibatches, with the same loss (:class:`atdiff.los
 The arms run interleaved in one process (their order rotates every repeat), each on its own copy of its
 network, after an untimed warm-up. Each repeat gives one paired ratio per comparison (both arms timed within
 the same repeat, so slow phases of a noisy machine hit both); the report is the median ratio over the repeats
-with a distribution-free confidence interval for that median (binomial order statistics, no resampling).
+with a percentile-bootstrap confidence interval (:func:`theory.timing.median_ratio_ci`, the interval of every
+timing benchmark here).
 
 Then (unless ``--skip-gloo``) one process against two gloo processes under DistributedDataParallel on the same
 global batch (:mod:`benchmarks.ddp_throughput`): the library's ``unet_small`` train step (standard and free AT) in
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import statistics
 import sys
 import time
@@ -51,28 +51,9 @@ from atdiff.precond import DiffusionModel
 from atdiff.processes import VPDiscrete
 from atdiff.train import free_at_step, train_step
 from benchmarks.ddp_throughput import GlooConfig, gloo_table, measure_gloo
+from theory.timing import median_ratio_ci, paired_ratios
 
-__all__ = ["median_ci", "library_unet", "diffusers_unet", "parse_args", "main"]
-
-
-def median_ci(samples: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """The median of ``samples`` and a distribution-free ``level`` confidence interval for the population
-    median: the order statistics ``x_(k)`` and ``x_(n+1-k)`` with ``k`` the largest rank such that
-    ``P(Binomial(n, 1/2) < k) <= (1 - level) / 2``. With too few samples for that level (n < 6 at 95%), the
-    interval is the sample range, and its true coverage ``1 - 2^(1-n)`` is lower than asked."""
-    xs = sorted(samples)
-    n = len(xs)
-    if n == 0:
-        raise ValueError("samples: expected at least one value")
-    alpha = (1 - level) / 2
-    k, cdf = 0, 0.0
-    for j in range(n + 1):  # cdf = P(B < j + 1) after adding P(B = j)
-        cdf += math.comb(n, j) / 2**n
-        if cdf > alpha:
-            k = j  # P(B < k) <= alpha < P(B <= k)
-            break
-    k = max(k, 1)
-    return statistics.median(xs), xs[k - 1], xs[n - k]
+__all__ = ["library_unet", "diffusers_unet", "parse_args", "main"]
 
 
 def library_unet(channels: int, blocks: int, size: int, head_channels: int) -> UNet:
@@ -166,8 +147,8 @@ def run(args: argparse.Namespace) -> dict:
                 bar.update(1)
     ratios = {}
     for key, (num, den) in RATIOS.items():
-        paired = [a / b for a, b in zip(samples[num], samples[den], strict=True)]
-        med, lo, hi = median_ci(paired, args.level)
+        paired = paired_ratios(samples[num], samples[den])
+        med, lo, hi = median_ratio_ci(samples[num], samples[den], level=args.level, seed=args.seed)
         ratios[key] = {"median": med, "ci_low": lo, "ci_high": hi, "level": args.level, "paired": paired}
     return {
         "config": {k: v for k, v in vars(args).items() if k != "json"},

@@ -4,6 +4,8 @@ import pytest
 import torch
 from hypothesis import settings
 
+from atdiff import threads
+
 # CI has two cores; keep hypothesis fast and free of wall-clock flakiness.
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
 settings.register_profile("dev", max_examples=25, deadline=None)
@@ -15,10 +17,8 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def one_thread():
     """Tiny tensors: one intra-op thread avoids the two-thread synchronisation cost (badly so on a busy 2-core
     host). Use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with threads.one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -29,12 +29,10 @@ def tiny_digits_runs(tmp_path_factory):
     from benchmarks.recipes import resolve
 
     root = tmp_path_factory.mktemp("runs")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     common = ["network.model_channels=8", "network.num_head_channels=4", "diffusion.steps=20", "optim.batch_size=8",
               "train.steps=2", "train.sample_steps=2", "train.num_samples=4"]
-    launcher.train(resolve("digits-std", [*common, "data.class_cond=True", "network.num_classes=10"]), root / "cond",
-                   progress=False)
-    launcher.train(resolve("digits-std", common), root / "plain", progress=False)
-    torch.set_num_threads(threads)
+    with threads.one_thread():
+        launcher.train(resolve("digits-std", [*common, "data.class_cond=True", "network.num_classes=10"]),
+                       root / "cond", progress=False)
+        launcher.train(resolve("digits-std", common), root / "plain", progress=False)
     return root

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from atdiff.threads import one_thread
 from benchmarks.compare import check_plan, main, var_bias
 from benchmarks.compare_finetune import (
     IMAGE_SUITES,
@@ -93,8 +94,11 @@ def test_updates_must_be_a_multiple_of_the_free_at_passes():
 def tiny_finetunes(tmp_path_factory):
     """A smoke-sized digits-std pretraining (3 steps) and every method fine-tuned from it for 3 updates."""
     root = tmp_path_factory.mktemp("ft")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    with one_thread():
+        return _finetune_every_method(root)
+
+
+def _finetune_every_method(root):
     smoke = smoke_version(get_recipe("digits-std"))
     full = get_recipe("digits-std")
     extra = tuple(f"network.{k}={v}" for k, v in smoke.network.items() if full.network[k] != v)
@@ -107,7 +111,6 @@ def tiny_finetunes(tmp_path_factory):
         recipe = method_recipe(IMAGE_SUITES["digits"], method, updates=3, seed=7, eta0=eta0, extra=extra)
         metas[method] = finetune(recipe, root / method, pre, finetune_perturber(method, eta0), torch.device("cpu"),
                                  progress=False)
-    torch.set_num_threads(threads)
     return root, pre, metas, smoke
 
 
@@ -156,13 +159,11 @@ def _strip_timing(value):
 
 @pytest.mark.slow
 def test_quick_digits_is_deterministic(tmp_path):
-    outs, threads = [], torch.get_num_threads()
+    outs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        try:
+        with one_thread():  # --threads 1 sets the count; the context restores it for the tests after this one
             main(["--suite", "digits", "--quick", "--no-progress", "--threads", "1", "--out", str(out)])
-        finally:
-            torch.set_num_threads(threads)
         data = json.loads((out / "compare.json").read_text())
         data.pop("command")
         outs.append(_strip_timing(data))

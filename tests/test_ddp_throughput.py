@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from atdiff.threads import one_thread
 from benchmarks.ddp_throughput import MODES, GlooConfig, build_trainer, flat_parameters, measure_gloo
 from benchmarks.train_throughput import parse_args
 
@@ -52,6 +53,23 @@ def test_cli_bad_input_names_the_flag(argv, flag, capsys):
     assert f"error: {flag}:" in capsys.readouterr().err
 
 
-def test_cli_skip_flags_are_parsed():
-    args = parse_args(["--skip-diffusers", "--gloo-batch", "6"])
-    assert (args.skip_diffusers, args.skip_gloo, args.gloo_batch) == (True, False, 6)
+def test_diffusers_ratios_are_the_medians_of_the_paired_timings():
+    """A tiny run of the diffusers comparison: every reported ratio is the median of the per-repeat ratios of the
+    timings it reports, its interval holds the median, and --skip-gloo leaves the gloo comparison out."""
+    pytest.importorskip("diffusers")
+    import statistics
+
+    from benchmarks.train_throughput import RATIOS, run
+
+    args = parse_args(["--skip-gloo", "--channels", "32", "--blocks", "1", "--head-channels", "32", "--size", "8",
+                       "--batch", "2", "--steps", "1", "--repeats", "3", "--threads", "1"])
+    assert (args.skip_gloo, args.skip_diffusers) == (True, False)
+    with one_thread():  # run() sets --threads; the context restores the count for the tests after this one
+        result = run(args)
+    times = result["seconds_per_update"]
+    assert "gloo" not in result and set(result["ratios"]) == set(RATIOS)
+    for key, (num, den) in RATIOS.items():
+        paired = [a / b for a, b in zip(times[num]["samples"], times[den]["samples"], strict=True)]
+        r = result["ratios"][key]
+        assert len(paired) == 3 and r["median"] == pytest.approx(statistics.median(paired), rel=1e-12)
+        assert r["ci_low"] <= r["median"] <= r["ci_high"]

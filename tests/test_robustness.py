@@ -99,13 +99,19 @@ def test_ancestral_noise_is_common_and_clean_equals_unsplit_run(process, oracle)
     assert trajectory_move(c, p) ** 2 == pytest.approx(radius**2 * (gain**2).sum().item() / 4, rel=0.05)
 
 
+def _random_net_and_noise(sampler, *, seed, hidden, std, n, noise_seed):
+    """A randomly initialised 2-D MLP (output layer scaled by ``std`` so it is far from zero), ``n`` starting
+    noises, and the sampler options the MLP needs (it has no learned variance)."""
+    torch.manual_seed(seed)
+    net = MLP(2, hidden=hidden, depth=2)
+    torch.nn.init.normal_(net.out.weight, std=std)
+    x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(noise_seed))
+    return net, x_T, ({"variance": "small"} if sampler == "iddpm" else {})
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "iddpm", "dpm-solver++"])
 def test_zero_radius_gives_zero_move(process, sampler):
-    torch.manual_seed(0)
-    net = MLP(2, hidden=16, depth=2)
-    torch.nn.init.normal_(net.out.weight, std=0.3)
-    x_T = torch.randn(32, 2, generator=torch.Generator().manual_seed(0))
-    opts = {"variance": "small"} if sampler == "iddpm" else {}
+    net, x_T, opts = _random_net_and_noise(sampler, seed=0, hidden=16, std=0.3, n=32, noise_seed=0)
     for kind in ("random", "adversarial"):
         c, p = perturbed_final(net, process, sampler, 5, x_T, step=2, kind=kind, radius=0.0,
                                generator=torch.Generator().manual_seed(0), **opts)
@@ -114,11 +120,7 @@ def test_zero_radius_gives_zero_move(process, sampler):
 
 @pytest.mark.parametrize("sampler", ["ddim", "iddpm", "dpm-solver++"])
 def test_adversarial_moves_at_least_as_far_as_random(process, sampler):
-    torch.manual_seed(1)
-    net = MLP(2, hidden=32, depth=2)
-    torch.nn.init.normal_(net.out.weight, std=0.5)
-    x_T = torch.randn(128, 2, generator=torch.Generator().manual_seed(2))
-    opts = {"variance": "small"} if sampler == "iddpm" else {}
+    net, x_T, opts = _random_net_and_noise(sampler, seed=1, hidden=32, std=0.5, n=128, noise_seed=2)
     moves = {}
     for kind in ("random", "adversarial"):
         c, p = perturbed_final(net, process, sampler, 10, x_T, step=5, kind=kind, radius=0.1,

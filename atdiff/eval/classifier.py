@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from atdiff.threads import one_thread
 from atdiff.validate import check_int
 
 __all__ = ["LeNet", "ClassifierSettings", "TrainedClassifier", "default_cache_dir", "data_hash",
@@ -100,13 +101,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, settings: Classifie
     deterministically; returns the network and its accuracy on a held-out ``test_fraction`` of the data."""
     labels = np.asarray(labels, dtype=np.int64)
     settings = settings if settings is not None else ClassifierSettings()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a net this small trains fastest (and identically) on one thread
-    try:
-        with torch.random.fork_rng(devices=[]):
-            return _train(images, labels, settings)
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread(), torch.random.fork_rng(devices=[]):  # a net this small trains fastest (and identically) on one
+        return _train(images, labels, settings)
 
 
 def _train(images: np.ndarray, labels: np.ndarray, settings: ClassifierSettings) -> tuple[LeNet, float]:

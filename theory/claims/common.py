@@ -5,32 +5,21 @@ Everything numerical in the claims runs in float64 on the CPU.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from atdiff.threads import one_thread
+
 __all__ = ["F64", "one_thread", "single_thread", "new_generator", "f64", "diag", "round_value", "floats",
            "max_rel_error", "symbolic_error", "kl_ball_radius64", "subplots", "save_figure"]
 
 F64 = torch.float64
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread, then restore the previous count. The claims use small tensors (matrices of
-    at most 8 x 8, vectors of a few thousand entries), where a second thread only adds synchronisation."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def single_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
